@@ -1,0 +1,94 @@
+"""The `ttds` command: one sub-command per pipeline stage, plus serving and reporting.
+
+Each stage is a `run(params)` function in a `ttds_core` module; `stages/<name>.py`
+and `ttds <name>` both go through `run_stage`, which turns a `TTDSError` into one
+line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Optional
+
+import typer
+
+from .config import load_params
+from .errors import TTDSError
+
+# stage name -> "module:function" taking the params dict
+STAGES = {
+    "backbone": "ttds_core.backbone:run",
+    "preprocess": "ttds_core.preprocess:run",
+    "embed": "ttds_core.embed:run",
+    "warmup": "ttds_core.warmup:run",
+    "build_sids": "ttds_core.sids:run",
+    "finetune": "ttds_core.finetune:run",
+    "evaluate": "ttds_core.evaluate:run",
+    "precompute": "ttds_core.serve:run_precompute",
+    "baseline": "ttds_core.baselines:run",
+}
+
+
+def _resolve(target: str):
+    module, func = target.split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def run_stage(name: str, params_path: str = "params.yaml", **kwargs) -> None:
+    """Load params and run stage `name`; user errors become one line + exit 2."""
+    try:
+        params = load_params(params_path)
+        _resolve(STAGES[name])(params, **kwargs)
+    except TTDSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="TTDS generative recommender: pipeline stages, serving and reports.")
+
+
+def _register(name: str) -> None:
+    def command(params: str = typer.Option("params.yaml", help="params file")) -> None:
+        run_stage(name, params)
+
+    command.__doc__ = f"Run the `{name}` stage with the given params file."
+    app.command(name=name.replace("_", "-"))(command)
+
+
+for _name in STAGES:
+    _register(_name)
+
+
+@app.command()
+def recommend(user: str = typer.Option(..., help="original user id or user index"),
+              k: int = typer.Option(10, help="number of items"),
+              params: str = typer.Option("params.yaml", help="params file")) -> None:
+    """Print the top-K items for one user (from the top-K cache when it is current)."""
+    try:
+        _resolve("ttds_core.serve:recommend_cli")(load_params(params), user=user, k=k)
+    except TTDSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+@app.command()
+def report(out: str = typer.Option("docs/results.md", help="markdown file to write"),
+           experiments: Optional[str] = typer.Option(None, help="JSON of experiment metrics "
+                                                      "(default: read `dvc exp show --json`)"),
+           params: str = typer.Option("params.yaml", help="params file")) -> None:
+    """Render the paper-style tables and bar chart from experiments and baselines."""
+    try:
+        _resolve("ttds_core.report:report_cli")(load_params(params), out=out, experiments=experiments)
+    except TTDSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""params.yaml loading and typed access with one-line errors.
+
+`params.yaml` is the single source of truth; every stage reads its section through
+`get(params, "index.length", int)` so that a wrong type or a missing key names the
+parameter instead of failing deep inside torch or pandas.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import TTDSError
+
+_MISSING = object()
+
+
+def load_params(path: str | Path = "params.yaml") -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise TTDSError(f"{path}: params file not found")
+    try:
+        params = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise TTDSError(f"{path}: not valid YAML ({exc.__class__.__name__})") from None
+    if not isinstance(params, dict):
+        raise TTDSError(f"{path}: expected a mapping at the top level")
+    return params
+
+
+def _type_name(kind) -> str:
+    if isinstance(kind, tuple):
+        return " or ".join(_type_name(k) for k in kind)
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false",
+            list: "a list", dict: "a mapping", type(None): "null"}.get(kind, kind.__name__)
+
+
+def get(params: dict, key: str, kind=None, default: Any = _MISSING, *, choices=None,
+        min_value=None, allow_none: bool = False):
+    """Return the dotted `key` of `params`, checked against `kind`/`choices`/`min_value`.
+
+    YAML reads `5e-4` as a string; a string that parses as a float is accepted for
+    `float` so users are not punished for it.
+    """
+    node: Any = params
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            if default is not _MISSING:
+                return default
+            raise TTDSError(f"params: missing parameter '{key}'")
+        node = node[part]
+    value = node
+    if value is None:
+        if allow_none or default is None:
+            return None
+        raise TTDSError(f"params: '{key}' is null, expected {_type_name(kind) if kind else 'a value'}")
+    if kind is float and isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if kind is not None:
+        ok = isinstance(value, kind)
+        # bool is an int subclass: `index.length: true` must not pass as 1.
+        if ok and isinstance(value, bool) and kind is not bool and not (
+                isinstance(kind, tuple) and bool in kind):
+            ok = False
+        if not ok:
+            raise TTDSError(f"params: '{key}' = {value!r}, expected {_type_name(kind)}")
+    if choices is not None and value not in choices:
+        raise TTDSError(f"params: '{key}' = {value!r}, expected one of {', '.join(map(str, choices))}")
+    if min_value is not None and value < min_value:
+        raise TTDSError(f"params: '{key}' = {value!r}, expected at least {min_value}")
+    return value
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
