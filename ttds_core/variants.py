@@ -1,0 +1,55 @@
+"""The paper's model variants (Tables 2-3) as parameter overrides.
+
+Each variant is the default params plus the overrides below; `dvc_exp_command(name)`
+gives the exact `dvc exp run` line, so README, grid runner and report share one table.
+"""
+
+from __future__ import annotations
+
+from .errors import TTDSError
+
+VARIANTS: dict[str, dict] = {
+    "TTDS": {},
+    "STDS": {"tower.user": False},
+    "TTSS": {"index.dynamic": False},
+    "TTDS-DM": {"loss.dm_vae": False},
+    "STDS-DM": {"tower.user": False, "loss.dm_vae": False},
+    "TTDS-HO": {"tasks.high_order": False},
+    "TTDS-3": {"index.length": 3},
+    "TTDS-5": {"index.length": 5},
+    "TT-DLSH": {"index.kind": "lsh"},
+    "TT-SLSH": {"index.kind": "lsh", "index.dynamic": False},
+    "TT-SR": {"index.kind": "random", "index.dynamic": False},
+}
+
+
+def _yaml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def overrides(name: str) -> dict:
+    if name not in VARIANTS:
+        raise TTDSError(f"unknown variant {name!r}, expected one of {', '.join(VARIANTS)}")
+    return dict(VARIANTS[name])
+
+
+def dvc_exp_command(name: str, queue: bool = False) -> str:
+    sets = " ".join(f"-S {k}={_yaml_value(v)}" for k, v in overrides(name).items())
+    flag = "--queue " if queue else ""
+    return f"dvc exp run {flag}--name {name.lower()} {sets}".rstrip()
+
+
+def apply(params: dict, name: str) -> dict:
+    """A deep copy of `params` with the variant's overrides applied (for tests and tools)."""
+    import copy
+
+    out = copy.deepcopy(params)
+    for key, value in overrides(name).items():
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
