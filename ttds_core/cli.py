@@ -35,7 +35,7 @@ def _resolve(target: str):
     return getattr(importlib.import_module(module), func)
 
 
-def run_stage(name: str, params_path: str = "params.yaml", **kwargs) -> None:
+def run_stage(name: str, params_path: str = "params.yaml", /, **kwargs) -> None:
     """Load params and run stage `name`; user errors become one line + exit 2."""
     try:
         params = load_params(params_path)
@@ -58,7 +58,15 @@ def _register(name: str) -> None:
 
 
 for _name in STAGES:
-    _register(_name)
+    if _name != "baseline":  # takes the model name, registered below
+        _register(_name)
+
+
+@app.command()
+def baseline(name: str = typer.Argument(..., help="mostpop | sasrec | gru4rec | bert4rec"),
+             params: str = typer.Option("params.yaml", help="params file")) -> None:
+    """Train and evaluate one classic baseline on the evaluation split."""
+    run_stage("baseline", params, name=name)
 
 
 @app.command()
@@ -81,6 +89,18 @@ def report(out: str = typer.Option("docs/results.md", help="markdown file to wri
     """Render the paper-style tables and bar chart from experiments and baselines."""
     try:
         _resolve("ttds_core.report:report_cli")(load_params(params), out=out, experiments=experiments)
+    except TTDSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+@app.command()
+def grid(variant: Optional[list[str]] = typer.Option(None, help="variant to run (repeatable; default: all)"),
+         dry_run: bool = typer.Option(False, "--dry-run", help="print the dvc commands, run nothing"),
+         force: bool = typer.Option(False, "--force", help="overwrite experiments of the same name")) -> None:
+    """Queue the paper's variants as named DVC experiments and run them all."""
+    try:
+        _resolve("ttds_core.grid:grid_cli")(variant, dry_run=dry_run, force=force)
     except TTDSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

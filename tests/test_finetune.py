@@ -1,0 +1,197 @@
+"""The finetune stage end to end on a toy project with a tiny random LLaMA: memorisation,
+static vs dynamic index, the saved recommender, resume after a kill, two-process DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from ttds_core import finetune
+from ttds_core.io import load_tensors, read_parquet
+from ttds_core.prompts import seqrec_prompt
+from ttds_core.recommender import load_recommender
+from ttds_core.vocab import encode_prompt, encode_response
+
+from test_finetune_helpers import REPO, build_toy_project, toy_params
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def toy_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy")
+    build_toy_project(root)
+    return root
+
+
+@pytest.fixture
+def project(toy_root, tmp_path, monkeypatch):
+    """A fresh copy of the toy project as the working directory."""
+    shutil.copytree(toy_root / "data", tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _teacher_forced_accuracy(rec, pairs) -> float:
+    model, tok = rec.model, rec.tokenizer
+    hits = 0
+    with torch.no_grad():
+        for prompt, target in pairs:
+            p, r = encode_prompt(tok, prompt), encode_response(tok, target)
+            ids = torch.tensor([p + r])
+            pred = model(input_ids=ids).logits[0, len(p) - 1:-1].argmax(-1)
+            hits += int(pred.tolist() == r)
+    return hits / len(pairs)
+
+
+def test_memorises_next_item_sids_static_index(project):
+    # The whole toy set (16 seqrec samples) per step; a frozen *random* backbone learns
+    # only through LoRA and the SID rows, so it needs a few hundred steps.
+    params = toy_params(**{"index.dynamic": False, "tasks.high_order": False, "loss.dm_vae": False,
+                           "train.epochs": 400, "train.max_steps": 250, "train.batch_size": 16,
+                           "train.lr": 1.0e-2, "train.embedding_lr": 3.0e-2, "train.max_grad_norm": 0.0,
+                           "lora.r": 8, "lora.alpha": 16, "train.val_users": 0, "train.checkpoint_every": 1000})
+    out = finetune.run(params)
+    hist = out["history"]
+    start, end = np.mean([h["loss_llm"] for h in hist[:3]]), np.mean([h["loss_llm"] for h in hist[-3:]])
+    assert end < 0.02 * start and end < 0.3, (start, end)
+    assert out["churn"] == []  # static index: never refreshed
+    # the SID tables are exactly the build_sids ones
+    pd.testing.assert_frame_equal(read_parquet("data/model/item_sids.parquet"), read_parquet("data/sids/items.parquet"))
+    pd.testing.assert_frame_equal(read_parquet("data/model/user_sids.parquet"), read_parquet("data/sids/users.parquet"))
+    # the saved recommender reproduces the training-time model and has memorised the targets
+    rec = load_recommender(params, device="cpu")
+    items, users = rec.item_sids.sort_values("item_id")["sid"].tolist(), rec.user_sids.sort_values("user_id")["sid"].tolist()
+    seqs = read_parquet("data/processed/sequences.parquet")
+    pairs = []
+    for u, seq in zip(seqs["user_id"], seqs["items"]):
+        train = list(seq[:-2])
+        for p in range(1, len(train)):
+            hist_sids = [items[i] for i in train[max(0, p - 4):p]]
+            pairs.append((seqrec_prompt(hist_sids, users[u], 0), items[train[p]]))
+    assert _teacher_forced_accuracy(rec, pairs) >= 0.75  # whole SID + EOS right, chance ~1/12
+    metrics = json.loads(Path("metrics/finetune.json").read_text())
+    assert metrics["steps"] == 250 and metrics["tokens_per_second"] > 0 and metrics["peak_rss_mb"] > 0
+
+
+def test_saved_recommender_reproduces_the_training_model(project):
+    """The validation loss measured inside training (SID rows in wrappers, LoRA unmerged)
+    equals the one of `load_recommender`'s plain merged model on the same users."""
+    from ttds_core.tasks import validation_samples
+
+    params = _dynamic_params(**{"train.val_users": 8})
+    finetune.run(params)
+    metrics = json.loads(Path("metrics/finetune.json").read_text())
+    rec = load_recommender(params, device="cpu")
+    items, users = rec.item_sids.sort_values("item_id")["sid"].tolist(), rec.user_sids.sort_values("user_id")["sid"].tolist()
+    seqs = read_parquet("data/processed/sequences.parquet")
+    val = validation_samples(seqs, params["train"]["val_users"], params["seed"])
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for u, history, target in val:
+            prompt = seqrec_prompt([items[i] for i in history[-4:]], users[u], 0)
+            p, r = encode_prompt(rec.tokenizer, prompt), encode_response(rec.tokenizer, items[target])
+            logits = rec.model(input_ids=torch.tensor([p + r])).logits[0, len(p) - 1:-1]
+            total += float(torch.nn.functional.cross_entropy(logits, torch.tensor(r), reduction="sum"))
+            n += len(r)
+    assert abs(total / n - metrics["best"]["val_loss"]) < 1e-3
+
+
+def _outputs() -> dict:
+    rows = load_tensors("data/model/sid_rows.safetensors")
+    adapter = load_tensors("data/model/adapter/adapter_model.safetensors")
+    return {"rows": rows["input"], **adapter, "items": read_parquet("data/model/item_sids.parquet")["sid"].tolist(),
+            "tok": load_tensors("data/model/tokenizers.safetensors")}
+
+
+def _dynamic_params(**kw):
+    return toy_params(**{"lora.dropout": 0.1, "train.epochs": 3, "train.max_steps": 8, "train.checkpoint_every": 4,
+                         "index.refresh_every": 4, **kw})
+
+
+def test_resume_after_a_kill_equals_an_uninterrupted_run(toy_root, tmp_path, monkeypatch):
+    runs = {}
+    for name in ("straight", "killed"):
+        shutil.copytree(toy_root / "data", tmp_path / name / "data")
+        monkeypatch.chdir(tmp_path / name)
+        params = _dynamic_params()
+        if name == "killed":
+            real_save = finetune.save_checkpoint
+
+            def save_then_die(*args, **kwargs):
+                real_save(*args, **kwargs)
+                raise KeyboardInterrupt("killed after the first checkpoint")
+
+            monkeypatch.setattr(finetune, "save_checkpoint", save_then_die)
+            with pytest.raises(KeyboardInterrupt):
+                finetune.run(params)
+            monkeypatch.setattr(finetune, "save_checkpoint", real_save)
+            assert json.loads(Path("data/checkpoints/last/state.json").read_text())["step"] == 4
+        runs[name] = (finetune.run(params), _outputs())
+        assert not Path("data/checkpoints/last").exists()  # finished runs leave nothing to resume
+    (a, out_a), (b, out_b) = runs["straight"], runs["killed"]
+    assert [h["step"] for h in b["history"]] == list(range(1, 9))
+    for ha, hb in zip(a["history"], b["history"]):
+        for k in ("loss_llm", "loss_id", "loss_token", "lr"):
+            assert ha[k] == pytest.approx(hb[k], rel=1e-5, abs=1e-6)
+    assert a["churn"] == b["churn"] and len(a["churn"]) == 1  # one refresh at step 4
+    assert out_a["items"] == out_b["items"]
+    for key in out_a:
+        if key not in ("items", "tok"):
+            torch.testing.assert_close(out_a[key], out_b[key], rtol=1e-5, atol=1e-6)
+    for key in out_a["tok"]:
+        torch.testing.assert_close(out_a["tok"][key], out_b["tok"][key], rtol=1e-5, atol=1e-6)
+    metrics = json.loads(Path("metrics/finetune.json").read_text())
+    assert metrics["resumed_from_step"] == 4
+
+
+def test_checkpoint_of_other_params_is_not_resumed(project, capsys, monkeypatch):
+    real_save = finetune.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(finetune, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.run(_dynamic_params())
+    monkeypatch.setattr(finetune, "save_checkpoint", real_save)
+    out = finetune.run(_dynamic_params(**{"loss.alpha": 0.5}))
+    assert "other params; starting fresh" in capsys.readouterr().err
+    assert [h["step"] for h in out["history"]] == list(range(1, 9))
+
+
+def test_dynamic_index_tokenizer_trains_and_sids_are_refreshed(project):
+    before = load_tensors("data/tokenizer/item.safetensors")
+    out = finetune.run(_dynamic_params(**{"lora.dropout": 0.0}))
+    after = {k[len("item."):]: v for k, v in load_tensors("data/model/tokenizers.safetensors").items()
+             if k.startswith("item.")}
+    assert not torch.equal(before["codebooks"], after["codebooks"])  # the RQ-VAE kept training
+    assert [c["step"] for c in out["churn"]] == [4] and {"churn_item", "churn_user"} <= set(out["churn"][0])
+
+
+def test_ddp_two_processes(project):
+    params = _dynamic_params(**{"train.max_steps": 3, "train.batch_size": 2, "train.checkpoint_every": 2,
+                                "index.refresh_every": 2})
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # `accelerate launch` starts several CPU processes only through mpirun; torchrun sets
+    # the same environment (RANK, WORLD_SIZE, ...) and Accelerator picks gloo DDP from it.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "stages" / "finetune.py")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads(Path("metrics/finetune.json").read_text())
+    assert metrics["processes"] == 2 and metrics["steps"] == 3
+    assert Path("data/model/adapter/adapter_model.safetensors").exists()
+    assert [c["step"] for c in metrics["churn"]] == [2]

@@ -1,0 +1,105 @@
+"""`ttds recommend` and the top-K cache on a tiny random LLaMA."""
+
+from __future__ import annotations
+
+import copy
+
+import pandas as pd
+import pytest
+
+from test_evaluate import PARAMS, SEQUENCES, rec  # noqa: F401  (fixture)
+from ttds_core import serve
+from ttds_core.errors import TTDSError
+
+SERVE_PARAMS = copy.deepcopy(PARAMS)
+SERVE_PARAMS["eval"].update(beams=6, batch_size=4)
+SERVE_PARAMS["serve"] = {"topk": 5, "mask_history": True, "max_users": None}
+SERVE_PARAMS["model"] = {"path": "tiny", "num_layers": None}
+
+
+@pytest.fixture
+def dirs(tmp_path):
+    processed, model, backbone = tmp_path / "processed", tmp_path / "model", tmp_path / "backbone"
+    for d in (processed, model, backbone):
+        d.mkdir()
+    SEQUENCES.to_parquet(processed / "sequences.parquet")
+    pd.DataFrame({"user_id": [0, 1, 2, 3], "original_id": ["A1", "B2", "C3", "7"]}).to_parquet(
+        processed / "users.parquet")
+    pd.DataFrame({"item_id": range(14), "original_id": [f"ASIN{i}" for i in range(14)],
+                  "title": [f"Game number {i}" for i in range(14)]}).to_parquet(processed / "items.parquet")
+    (model / "recommender.json").write_text('{"first_id": 0}')
+    (model / "sid_rows.safetensors").write_bytes(b"rows-v1")
+    (backbone / "config.json").write_text("{}")
+    return {"processed_dir": processed, "model_dir": model, "backbone_dir": backbone,
+            "out_dir": tmp_path / "serving"}
+
+
+def test_precompute_then_recommend_answers_from_the_cache(rec, dirs, capsys):  # noqa: F811
+    paths = {k: v for k, v in dirs.items() if k != "processed_dir"}
+    meta = serve.run_precompute(SERVE_PARAMS, processed_dir=dirs["processed_dir"], rec=rec, **paths)
+    table = pd.read_parquet(dirs["out_dir"] / "topk.parquet")
+    assert meta["users"] == 4 and list(table.columns) == ["user_id", "items", "scores"]
+    for user, items, scores in zip(table["user_id"], table["items"], table["scores"]):
+        history = SEQUENCES.set_index("user_id").loc[user, "items"]
+        assert len(items) == 5 and len(set(items)) == 5
+        assert not set(items) & set(history)  # serving masks the FULL sequence
+        assert list(scores) == sorted(scores, reverse=True)
+
+    user_id, ranked, source = serve.recommend(SERVE_PARAMS, "C3", 3, rec=rec, **dirs)
+    assert (user_id, source) == (2, "cache")
+    assert [i for i, _ in ranked] == list(table.loc[table.user_id == 2, "items"].iloc[0][:3])
+    fresh = serve.rank_users(SERVE_PARAMS, serve.serving_cases(SEQUENCES, 3, users=[2]), rec=rec)[0]
+    assert [i for i, _ in fresh[:3]] == [i for i, _ in ranked]
+
+    (dirs["model_dir"] / "sid_rows.safetensors").write_bytes(b"rows-v2")  # a retrained model
+    _, again, source = serve.recommend(SERVE_PARAMS, "C3", 3, rec=rec, **dirs)
+    assert source == "model" and [i for i, _ in again] == [i for i, _ in ranked]
+    assert "another model" in capsys.readouterr().err
+
+
+def test_recommend_cli_prints_titles(rec, dirs, capsys):  # noqa: F811
+    serve.recommend_cli(SERVE_PARAMS, user="1", k=4, rec=rec, **dirs)
+    out = capsys.readouterr()
+    lines = out.out.strip().splitlines()
+    assert lines[0] == "top 4 for user 1 (model):" and len(lines) == 5
+    assert all("Game number" in line and "ASIN" in line for line in lines[1:])
+    assert "running the model" in out.err
+
+
+def test_user_ids_resolve_original_first_then_index(dirs):
+    users = pd.read_parquet(dirs["processed_dir"] / "users.parquet")
+    assert serve.resolve_user(users, "B2", "users") == 1
+    assert serve.resolve_user(users, "7", "users") == 3  # an original id wins over index 7
+    assert serve.resolve_user(users, "2", "users") == 2
+    with pytest.raises(TTDSError, match="user 'nobody': not found"):
+        serve.resolve_user(users, "nobody", "users")
+
+
+def test_recommend_errors_are_one_clear_line(rec, dirs):  # noqa: F811
+    with pytest.raises(TTDSError, match=r"--k 7 is larger than 'eval.beams' = 6"):
+        serve.recommend(SERVE_PARAMS, "A1", 7, rec=rec, **dirs)
+    with pytest.raises(TTDSError, match="--k 0"):
+        serve.recommend(SERVE_PARAMS, "A1", 0, rec=rec, **dirs)
+    with pytest.raises(TTDSError, match="not found"):
+        serve.recommend(SERVE_PARAMS, "ZZZ", 3, rec=rec, **dirs)
+    missing = dict(dirs, model_dir=dirs["model_dir"].parent / "nomodel")
+    with pytest.raises(TTDSError, match="no trained model"):
+        serve.recommend(SERVE_PARAMS, "A1", 3, **missing)
+    bad = copy.deepcopy(SERVE_PARAMS)
+    bad["serve"]["topk"] = 9
+    with pytest.raises(TTDSError, match="serve.topk"):
+        serve.serve_settings(bad)
+
+
+def test_partial_cache_serves_other_users_with_the_model(rec, dirs, capsys):  # noqa: F811
+    params = copy.deepcopy(SERVE_PARAMS)
+    params["serve"]["max_users"] = 2
+    paths = {k: v for k, v in dirs.items() if k != "processed_dir"}
+    meta = serve.run_precompute(params, processed_dir=dirs["processed_dir"], rec=rec, **paths)
+    cached = pd.read_parquet(dirs["out_dir"] / "topk.parquet")["user_id"].tolist()
+    assert meta["users"] == 2 and meta["users_total"] == 4
+    other = next(u for u in range(4) if u not in cached)
+    _, _, source = serve.recommend(params, str(other), 2, rec=rec, **dirs)
+    assert source == "model" and "not in the top-K cache" in capsys.readouterr().err
+    _, _, source = serve.recommend(params, str(cached[0]), 2, rec=rec, **dirs)
+    assert source == "cache"

@@ -1,0 +1,143 @@
+"""Task mixture: sample construction, rendering with the current SID tables, no leakage,
+and the variants' task combinations."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ttds_core import tasks, variants
+from ttds_core.config import load_params
+from ttds_core.errors import TTDSError
+from ttds_core.finetune import TrainConfig
+
+from test_finetune_helpers import REPO
+
+
+def _data(timestamps: bool = False) -> tasks.TaskData:
+    # user 0: 1 2 3 4 | valid 5 | test 6 ; user 1: 3 1 4 | valid 2 | test 0
+    seqs = pd.DataFrame({"user_id": [0, 1], "items": [[1, 2, 3, 4, 5, 6], [3, 1, 4, 2, 0]]})
+    items = pd.DataFrame({"item_id": range(7), "title": [f"title &amp; {i}" for i in range(7)]})
+    rows = []
+    for u, seq in zip(seqs["user_id"], seqs["items"]):
+        for p, i in enumerate(seq):
+            split = "train" if p < len(seq) - 2 else ("valid" if p == len(seq) - 2 else "test")
+            rows.append({"user_id": u, "item_id": i, "pos": p, "split": split,
+                         "timestamp": (100 * u + p) if timestamps else None,
+                         "review": f"review {u}-{i}", "summary": None})
+    inter = pd.DataFrame(rows)
+    return tasks.build_task_data(seqs, items, inter, max_history=2, max_next_user=1)
+
+
+def _sids(n_items=7, n_users=2, users=True) -> tasks.SidTables:
+    return tasks.SidTables(item=[f"<a_{i}><b_0>" for i in range(n_items)],
+                           user=[f"<ua_{u}><ub_1>" for u in range(n_users)] if users else None)
+
+
+def test_seqrec_one_sample_per_training_prefix():
+    data = _data()
+    samples = tasks.build_samples(data, {"seqrec": 1.0}, seed=0)
+    # user 0 trains on [1 2 3 4] -> targets 2 3 4; user 1 on [3 1 4] -> targets 1 4
+    assert sorted((s.key, s.pos) for s in samples) == [(0, 1), (0, 2), (0, 3), (1, 1), (1, 2)]
+    prompt, target = tasks.render(tasks.Sample("seqrec", 0, 3), data, _sids(), template=0)
+    assert target == "<a_4><b_0>"
+    # history = the last max_history (2) items before the target, user SID present
+    assert "<a_2><b_0>, <a_3><b_0>" in prompt and "<a_1><b_0>" not in prompt
+    assert "<ua_0><ub_1>" in prompt
+
+
+def test_validation_and_test_items_never_reach_training():
+    data = _data()
+    held_out = {0: {5, 6}, 1: {2, 0}}  # each user's validation and test items
+    for u, seq in data.train_seqs.items():
+        assert not held_out[u] & set(seq)
+    assert (0, 5) not in data.reviews and (1, 2) not in data.reviews and (0, 6) not in data.reviews
+    samples = tasks.build_samples(data, {"seqrec": 1.0, "preference": 1.0, "next_user": 1.0}, seed=0)
+    for s in samples:
+        prompt, response = tasks.render(s, data, _sids(), template=0)
+        if s.key == 0 and s.task != "next_user":
+            assert "<a_5>" not in prompt + response and "<a_6>" not in prompt + response
+        assert "review 0-5" not in response and "review 1-2" not in response
+
+
+def test_preference_uses_train_review_else_title():
+    data = _data()
+    data.reviews.pop((0, 3))
+    _, with_review = tasks.render(tasks.Sample("preference", 0, 1), data, _sids(), 0)
+    _, without = tasks.render(tasks.Sample("preference", 0, 2), data, _sids(), 0)
+    assert with_review == "review 0-2"
+    assert without == "title & 3"  # HTML entities cleaned
+
+
+def test_next_user_order_timestamps_and_proxy():
+    # item 4: user 0 bought it at train position 3 of 4, user 1 at position 2 of 3
+    proxy = _data(timestamps=False)
+    assert proxy.item_users[4] == [1, 0]  # 2/3 < 3/4: relative-position proxy
+    stamped = _data(timestamps=True)
+    assert stamped.item_users[4] == [0, 1]  # timestamps 3 < 102
+    prompt, target = tasks.render(tasks.Sample("next_user", 4, 1), stamped, _sids(), 0)
+    assert "<a_4><b_0>" in prompt and "<ua_0><ub_1>" in prompt and target == "<ua_1><ub_1>"
+
+
+def test_mixture_weights_are_ratios_of_seqrec_count():
+    data = _data()
+    n_seq = 5
+    samples = tasks.build_samples(data, {"seqrec": 1.0, "preference": 0.4}, seed=3)
+    counts = {t: sum(s.task == t for s in samples) for t in ("seqrec", "preference")}
+    assert counts == {"seqrec": n_seq, "preference": 2}
+    assert samples == tasks.build_samples(data, {"seqrec": 1.0, "preference": 0.4}, seed=3)
+    half = tasks.build_samples(data, {"seqrec": 0.6}, seed=3)
+    assert len(half) == 3
+
+
+def test_bad_weight_is_one_line_error():
+    with pytest.raises(TTDSError, match="tasks.weights.seqrec"):
+        tasks.enabled_tasks({"seqrec": 0.0}, True, True)
+
+
+def test_render_follows_the_current_tables():
+    data = _data()
+    s = tasks.Sample("seqrec", 1, 2)
+    before = tasks.render(s, data, _sids(), 0)
+    moved = _sids()
+    moved.item[4] = "<a_9><b_9><p_0>"
+    after = tasks.render(s, data, moved, 0)
+    assert before[1] == "<a_4><b_0>" and after[1] == "<a_9><b_9><p_0>"
+
+
+@pytest.mark.parametrize("name", list(variants.VARIANTS))
+def test_variants_give_the_intended_combination(name):
+    params = variants.apply(load_params(REPO / "params.yaml"), name)
+    cfg = TrainConfig.from_params(params)
+    enabled = tasks.enabled_tasks(params["tasks"]["weights"], params["tasks"]["high_order"], params["tower"]["user"])
+    user_tower = name not in ("STDS", "STDS-DM")
+    assert ("user" in cfg.towers) == user_tower
+    assert cfg.dynamic == (name not in ("TTSS", "TT-SLSH", "TT-SR"))
+    assert cfg.dm_vae == (name not in ("TTDS-DM", "STDS-DM"))
+    if name == "TTDS-HO":
+        assert set(enabled) == {"seqrec"}
+    elif user_tower:
+        assert set(enabled) == {"seqrec", "next_user", "preference"}
+    else:
+        assert set(enabled) == {"seqrec", "preference"}
+    # single tower: no user token can appear in any prompt
+    data = _data()
+    sids = _sids(users=user_tower)
+    samples = tasks.build_samples(data, enabled, seed=0)
+    for k, s in enumerate(samples):
+        prompt, response = tasks.render(s, data, sids, template=k)
+        assert bool(re.search(r"<u[a-z]_\d+>", prompt + response)) == (user_tower and (
+            s.task == "next_user" or "<ua_" in prompt))
+        if not user_tower:
+            assert "<u" not in prompt and "<u" not in response
+
+
+def test_validation_sample_is_fixed_and_uses_validation_target():
+    seqs = pd.DataFrame({"user_id": range(5), "items": [[1, 2, 3, 4]] * 5})
+    a = tasks.validation_samples(seqs, 3, seed=1)
+    assert a == tasks.validation_samples(seqs, 3, seed=1)
+    assert len(a) == 3 and all(h == [1, 2] and t == 3 for _, h, t in a)
+    assert np.unique([u for u, _, _ in a]).size == 3

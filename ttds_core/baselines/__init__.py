@@ -1,0 +1,85 @@
+"""Classic sequential-recommendation baselines on exactly the split of `evaluate`.
+
+`run(params, name)` is the `baseline@<name>` DVC stage: it reads
+`data/processed/sequences.parquet`, trains `name` on the training part only, ranks the
+validation and test targets over the full item set (unmasked and history-masked) and
+writes `metrics/baselines/<name>.json` (the `metrics/eval.json` format) and
+`data/baselines/<name>/ranks.parquet` (the `data/eval/ranks.parquet` format).
+Hyper-parameters come from `baselines.*`, overridable per model as `baselines.<name>.*`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..config import get, seed_everything
+from ..errors import TTDSError
+from ..io import atomic_dir, write_json, write_parquet
+from . import bert4rec, gru4rec, mostpop, sasrec
+from .data import load_split
+from .loop import fit_and_evaluate
+
+MODELS = {"mostpop": mostpop.build, "sasrec": sasrec.build, "gru4rec": gru4rec.build,
+          "bert4rec": bert4rec.build}
+
+# key -> (type, minimum); each may be overridden per model as baselines.<name>.<key>
+_KEYS = {"epochs": (int, 1), "batch_size": (int, 1), "eval_batch_size": (int, 1),
+         "lr": (float, 0.0), "weight_decay": (float, 0.0), "hidden": (int, 1), "layers": (int, 1),
+         "heads": (int, 1), "dropout": (float, 0.0), "patience": (int, 1), "mask_prob": (float, 0.0)}
+
+
+def model_config(params: dict, name: str) -> dict:
+    """The `baselines` section merged with `baselines.<name>`, type-checked."""
+    if name not in MODELS:
+        raise TTDSError(f"baseline {name!r}: unknown, expected one of {', '.join(MODELS)}")
+    cfg = {}
+    for key, (kind, low) in _KEYS.items():
+        shared = get(params, f"baselines.{key}", kind, min_value=low)
+        cfg[key] = get(params, f"baselines.{name}.{key}", kind, default=shared, min_value=low)
+    if not 0.0 <= cfg["dropout"] < 1.0:
+        raise TTDSError(f"params: 'baselines.dropout' = {cfg['dropout']}, expected in [0, 1)")
+    if not 0.0 < cfg["mask_prob"] < 1.0:
+        raise TTDSError(f"params: 'baselines.mask_prob' = {cfg['mask_prob']}, expected in (0, 1)")
+    if cfg["hidden"] % cfg["heads"]:
+        raise TTDSError(f"params: baselines hidden {cfg['hidden']} must be divisible by heads {cfg['heads']}")
+    cfg["device"] = get(params, f"baselines.{name}.device", str,
+                        default=get(params, "baselines.device", str, choices=("auto", "cpu", "cuda")),
+                        choices=("auto", "cpu", "cuda"))
+    cfg["max_minutes"] = get(params, f"baselines.{name}.max_minutes", (int, float),
+                             default=get(params, "baselines.max_minutes", (int, float), default=None,
+                                         min_value=0), min_value=0)
+    cfg["max_history"] = get(params, "data.max_history", int, min_value=1)
+    cfg["seed"] = get(params, "seed", int)
+    return cfg
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise TTDSError("params: 'baselines.device' = 'cuda' but no CUDA device is available")
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(choice)
+
+
+def run(params: dict, name: str, processed_dir: str | Path = "data/processed",
+        metrics_dir: str | Path = "metrics/baselines", out_dir: str | Path = "data/baselines") -> dict:
+    """Train and evaluate baseline `name`; write its metrics and per-user ranks."""
+    cfg = model_config(params, name)
+    select_masked = get(params, "eval.mask_history", bool, default=False)
+    threads = get(params, "baselines.threads", int, default=None, min_value=1)
+    if threads:
+        torch.set_num_threads(threads)
+    split = load_split(processed_dir)
+    seed_everything(cfg["seed"])
+    model = MODELS[name](split.n_items, cfg["max_history"], cfg)
+    metrics, ranks, history = fit_and_evaluate(model, split, cfg, pick_device(cfg["device"]),
+                                               select_masked=select_masked)
+    with atomic_dir(Path(out_dir) / name) as tmp:
+        write_parquet(tmp / "ranks.parquet", ranks)
+        write_json(tmp / "history.json", {
+            "selected_on": "valid_masked NDCG@10" if select_masked else "valid NDCG@10",
+            "config": cfg, "epochs": history})
+    write_json(Path(metrics_dir) / f"{name}.json", metrics)
+    return metrics

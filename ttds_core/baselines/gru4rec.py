@@ -1,0 +1,42 @@
+"""GRU4Rec (Hidasi et al., 2016) in its sequential-recommendation form (as in RecBole):
+embedding dropout, a GRU over the history, a dense layer back to the embedding size, and
+full-softmax CE against the tied item embeddings.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .layers import item_logits, next_item_loss
+
+
+class GRU4Rec(nn.Module):
+    def __init__(self, n_items: int, hidden: int, layers: int, dropout: float):
+        super().__init__()
+        self.n_items = n_items
+        self.item_embedding = nn.Embedding(n_items + 1, hidden, padding_idx=0)
+        self.dropout = nn.Dropout(dropout)
+        self.gru = nn.GRU(hidden, hidden, num_layers=layers, batch_first=True, bias=False)
+        self.dense = nn.Linear(hidden, hidden)
+        nn.init.xavier_normal_(self.item_embedding.weight)
+        for name, weight in self.gru.named_parameters():
+            nn.init.xavier_uniform_(weight) if "weight_ih" in name else nn.init.orthogonal_(weight)
+
+    def encode(self, items: torch.Tensor) -> torch.Tensor:
+        # right padding: outputs at real positions never depend on the padding after them
+        out, _ = self.gru(self.dropout(self.item_embedding(items)))
+        return self.dense(out)
+
+    def loss(self, windows: torch.Tensor) -> torch.Tensor:
+        hidden = self.encode(windows[:, :-1])
+        return next_item_loss(hidden, windows[:, 1:], self.item_embedding, self.n_items)
+
+    def scores(self, inputs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        hidden = self.encode(inputs)
+        last = hidden[torch.arange(len(inputs), device=inputs.device), lengths - 1]
+        return item_logits(last, self.item_embedding, self.n_items)
+
+
+def build(n_items: int, max_history: int, cfg: dict) -> GRU4Rec:
+    return GRU4Rec(n_items, cfg["hidden"], cfg["layers"], cfg["dropout"])

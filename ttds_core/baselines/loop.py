@@ -1,0 +1,125 @@
+"""The one training / evaluation loop every baseline goes through.
+
+Evaluation is full ranking over ALL items, no candidate sampling:
+rank = 1 + number of items whose score is strictly higher than the target's (ties
+count in the target's favour; MostPop breaks its ties by item id, the neural models'
+float scores practically never tie). "Masked" ranking removes the user's history
+items (everything before the target) from the candidates; the target itself is
+never removed, even if it also occurs in the history.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from ..metrics import metric_table, ndcg
+from .data import Split, pad_inputs, rank_frame, training_windows
+
+SPLITS = ("valid", "test")
+
+
+def rank_targets(scores: torch.Tensor, targets: torch.Tensor, histories: list[np.ndarray] | None):
+    """1-based ranks of `targets` in each row of `scores`; mask `histories` when given."""
+    target_scores = scores.gather(1, targets.unsqueeze(1))
+    if histories is not None:
+        scores = scores.clone()
+        rows = np.repeat(np.arange(len(histories)), [len(h) for h in histories])
+        cols = np.concatenate(histories) if len(rows) else np.zeros(0, dtype=np.int64)
+        scores[torch.from_numpy(rows).to(scores.device), torch.from_numpy(cols).to(scores.device)] = float("-inf")
+    return (scores > target_scores).sum(1) + 1
+
+
+@torch.no_grad()
+def evaluate(model, split: Split, which: str, max_history: int, batch_size: int, device,
+             masked_too: bool = True) -> dict[bool, np.ndarray]:
+    """Ranks of the `which` ('valid' | 'test') targets: {False: unmasked, True: masked}."""
+    model.eval()
+    histories = split.histories(which)
+    targets = torch.from_numpy(split.targets(which))
+    out = {False: [], True: []}
+    for start in range(0, len(histories), batch_size):
+        hist = histories[start:start + batch_size]
+        inputs, lengths = pad_inputs(hist, max_history)
+        scores = model.scores(inputs.to(device), lengths.to(device))
+        if scores.dtype not in (torch.float32, torch.float64):
+            scores = scores.float()  # never below fp32; MostPop's id tie-break needs its float64
+        tgt = targets[start:start + batch_size].to(device)
+        out[False].append(rank_targets(scores, tgt, None).cpu())
+        if masked_too:
+            out[True].append(rank_targets(scores, tgt, hist).cpu())
+    return {m: torch.cat(r).numpy() for m, r in out.items() if r}
+
+
+def train(model, split: Split, cfg: dict, device, select_masked: bool, log=sys.stderr) -> dict:
+    """Adam on next-item CE, early stopping on validation NDCG@10, best weights restored.
+
+    `max_minutes` (optional) ends training after the epoch that crosses the budget; the
+    metrics file records the epochs actually run, so a rerun with `epochs` set to that
+    number reproduces the result without depending on machine speed.
+
+    Returns {"epochs": run, "best_epoch": .., "history": [...]} for the metrics file.
+    """
+    windows = torch.from_numpy(training_windows(split.train_sequences(), cfg["max_history"]))
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    generator = torch.Generator().manual_seed(cfg["seed"])
+    best, best_state, best_epoch, bad, history = -1.0, None, 0, 0, []
+    deadline = None if cfg.get("max_minutes") is None else time.perf_counter() + 60 * cfg["max_minutes"]
+    for epoch in range(1, cfg["epochs"] + 1):
+        model.train()
+        order = torch.randperm(len(windows), generator=generator)
+        total, batches = 0.0, 0
+        for start in tqdm(range(0, len(order), cfg["batch_size"]), desc=f"epoch {epoch}", leave=False,
+                          disable=None, file=log):
+            loss = model.loss(windows[order[start:start + cfg["batch_size"]]].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total, batches = total + loss.item(), batches + 1
+        ranks = evaluate(model, split, "valid", cfg["max_history"], cfg["eval_batch_size"], device,
+                         masked_too=select_masked)
+        score = ndcg(ranks[select_masked], 10)
+        history.append({"epoch": epoch, "loss": total / batches, "valid_NDCG@10": score})
+        print(f"epoch {epoch}: loss {total / batches:.4f}  valid NDCG@10 {score:.4f}", file=log, flush=True)
+        if score > best:
+            best, best_epoch, bad = score, epoch, 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            bad += 1
+            if bad >= cfg["patience"]:
+                break
+        if deadline is not None and time.perf_counter() > deadline:
+            print(f"stopping after epoch {epoch}: baselines.max_minutes reached", file=log, flush=True)
+            break
+    model.load_state_dict(best_state)
+    return {"epochs": len(history), "best_epoch": best_epoch, "history": history}
+
+
+def fit_and_evaluate(model, split: Split, cfg: dict, device, select_masked: bool = False):
+    """Train (or fit, for models without parameters), then rank validation and test targets.
+
+    Returns (metrics dict in the `metrics/eval.json` format, ranks DataFrame, history).
+    """
+    start = time.perf_counter()
+    model.to(device)
+    if any(p.requires_grad for p in model.parameters()):
+        info = train(model, split, cfg, device, select_masked)
+    else:
+        model.fit(split.train_sequences())
+        info = {"epochs": 0, "best_epoch": 0, "history": []}
+    metrics, frames = {}, []
+    for which in SPLITS:
+        ranks = evaluate(model, split, which, cfg["max_history"], cfg["eval_batch_size"], device)
+        for masked, r in ranks.items():
+            metrics[f"{which}_masked" if masked else which] = metric_table(r)
+            frames.append(rank_frame(split.user_ids, which, split.targets(which), r, masked))
+    metrics = {key: metrics[key] for key in ("test", "valid", "test_masked", "valid_masked")}
+    metrics.update(users=len(split.user_ids), items=split.n_items, epochs=info["epochs"],
+                   best_epoch=info["best_epoch"], seconds=round(time.perf_counter() - start, 1))
+    return metrics, pd.concat(frames, ignore_index=True), info["history"]

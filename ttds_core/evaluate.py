@@ -1,0 +1,250 @@
+"""Full-ranking evaluation of the generative recommender (DVC stage `evaluate`).
+
+Leave-one-out on `data/processed/sequences.parquet`: per user, the validation target is
+`items[-2]` with history `items[:-2][-max_history:]`, the test target is `items[-1]` with
+history `items[:-1][-max_history:]` (it includes the validation item, the standard
+protocol). The prompt is `seqrec_prompt(history SIDs, user SID, train.template)`, the
+user SID only when the model has a user tower.
+
+Ranking is over the whole catalogue: trie-constrained beam search (`decode.py`) returns
+the top `eval.beams` distinct items; there is no candidate sampling. Every case is
+ranked twice from one prefill: unmasked, and with the user's history excluded from
+their trie (masked: everything the user did before the target, as the baselines mask).
+`eval.mask_history` only chooses which of the two is the headline (`headline` in the
+output); both are always written. (Masking assumes no repeat consumption, true of
+5-core Amazon sequences: a target that is also in the history can never be hit masked.)
+
+`metrics/eval.json` also carries `popularity`: MostPop ranks of the same cases, so the
+"must beat popularity" check needs no second run.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .config import get, seed_everything
+from .decode import SCORINGS, ConstrainedRanker, build_item_trie
+from .errors import TTDSError
+from .io import atomic_dir, read_parquet, write_json, write_parquet
+from .metrics import metric_table, rank_of
+from .prompts import seqrec_prompt
+from .vocab import encode_prompt
+
+SPLITS = ("valid", "test")
+_TARGET_POS = {"valid": -2, "test": -1}
+
+
+@dataclass
+class Case:
+    """One ranking query: the prompt history, what masking excludes, and the target."""
+
+    user_id: int
+    split: str
+    history: list[int]        # items shown in the prompt (the last max_history)
+    seen: list[int]           # every item before the target: excluded when masking
+    target: int | None        # None when serving (no target)
+
+
+@dataclass
+class EvalSettings:
+    beams: int
+    scoring: str
+    ks: list[int]
+    batch_size: int
+    mask_history: bool
+    max_users: int | None
+    max_history: int
+    template: int
+    seed: int
+
+
+def eval_settings(params: dict) -> EvalSettings:
+    ks = get(params, "eval.ks", list)
+    if not ks or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in ks):
+        raise TTDSError(f"params: 'eval.ks' = {ks!r}, expected a list of positive integers")
+    beams = get(params, "eval.beams", int, min_value=1)
+    if beams < max(ks):
+        raise TTDSError(f"params: 'eval.beams' = {beams} is smaller than the largest K in eval.ks "
+                        f"({max(ks)}); expected eval.beams >= {max(ks)}")
+    return EvalSettings(
+        beams=beams, scoring=get(params, "eval.scoring", str, choices=SCORINGS), ks=sorted(ks), batch_size=get(params, "eval.batch_size", int, min_value=1),
+        mask_history=get(params, "eval.mask_history", bool),
+        max_users=get(params, "eval.max_users", int, allow_none=True, min_value=1),
+        max_history=get(params, "data.max_history", int, min_value=1),
+        template=get(params, "train.template", int, min_value=0), seed=get(params, "seed", int))
+
+
+def select_users(sequences: pd.DataFrame, max_users: int | None, seed: int,
+                 source: str = "sequences.parquet") -> pd.DataFrame:
+    """Users with a train/valid/test split, all of them or a seeded sample of `max_users`."""
+    for col in ("user_id", "items"):
+        if col not in sequences.columns:
+            raise TTDSError(f"{source}: missing column {col}")
+    seqs = sequences.sort_values("user_id", kind="stable").reset_index(drop=True)
+    short = seqs["items"].map(len) < 3
+    if short.any():
+        raise TTDSError(f"{source}: user {int(seqs.loc[short, 'user_id'].iloc[0])} has fewer than 3 items, "
+                        "expected >= 3 (train, validation and test)")
+    if max_users is not None and max_users < len(seqs):
+        rows = np.sort(np.random.default_rng(seed).choice(len(seqs), size=max_users, replace=False))
+        seqs = seqs.iloc[rows].reset_index(drop=True)
+    return seqs
+
+
+def eval_cases(sequences: pd.DataFrame, split: str, max_history: int) -> list[Case]:
+    end = _TARGET_POS[split]
+    cases = []
+    for user, items in zip(sequences["user_id"].tolist(), sequences["items"]):
+        items = [int(i) for i in items]
+        before = items[:end]
+        cases.append(Case(int(user), split, before[-max_history:], before, items[end]))
+    return cases
+
+
+class PromptBuilder:
+    """Token ids of the seqrec prompt for a user and a history, as training built them."""
+
+    def __init__(self, tokenizer, item_sids: pd.DataFrame, user_sids: pd.DataFrame | None, template: int):
+        self.tokenizer, self.template = tokenizer, template
+        self.item_sid = dict(zip(item_sids["item_id"].astype(int), item_sids["sid"].astype(str)))
+        self.user_sid = (dict(zip(user_sids["user_id"].astype(int), user_sids["sid"].astype(str)))
+                         if user_sids is not None and len(user_sids) else None)
+
+    def __call__(self, user_id: int, history: list[int]) -> list[int]:
+        missing = next((i for i in history if i not in self.item_sid), None)
+        if missing is not None:
+            raise TTDSError(f"item {missing} (history of user {user_id}) has no SID in the model's item table")
+        user = None
+        if self.user_sid is not None:
+            user = self.user_sid.get(user_id)
+            if user is None:
+                raise TTDSError(f"user {user_id} has no SID in the model's user table")
+        text = seqrec_prompt([self.item_sid[i] for i in history], user, template=self.template)
+        return encode_prompt(self.tokenizer, text)
+
+
+def rank_cases(ranker: ConstrainedRanker, build_prompt: PromptBuilder, cases: list[Case], batch_size: int,
+               modes: tuple[bool, ...] = (False, True), progress: str | None = None
+               ) -> dict[bool, list[list[tuple[int, float]]]]:
+    """Ranked (item, score) lists per case, for each masking mode (False = unmasked).
+
+    Cases are sorted by prompt length so a batch carries little padding; each batch is
+    prefilled once and searched once per mode.
+    """
+    from tqdm.auto import tqdm
+
+    prompts = [build_prompt(c.user_id, c.history) for c in cases]
+    order = sorted(range(len(cases)), key=lambda i: (len(prompts[i]), i))
+    out: dict[bool, list] = {m: [None] * len(cases) for m in modes}
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    for idx in tqdm(batches, desc=progress, unit="batch", disable=progress is None):
+        batch = ranker.encode([prompts[i] for i in idx])
+        for masked in modes:
+            excl = [ranker.trie.exclusion(cases[i].seen) for i in idx] if masked else None
+            for i, ranked in zip(idx, ranker.search(batch, excl)):
+                out[masked][i] = ranked
+    return out
+
+
+def rank_table(cases: list[Case], ranks: dict[bool, list[int | None]]) -> pd.DataFrame:
+    """The `ranks.parquet` contract: user_id, split, target, rank (1-based or null), masked."""
+    frames = [pd.DataFrame({
+        "user_id": np.asarray([c.user_id for c in cases], dtype=np.int64),
+        "split": [c.split for c in cases],
+        "target": np.asarray([c.target for c in cases], dtype=np.int64),
+        "rank": pd.array(mode_ranks, dtype="Int64"),
+        "masked": masked}) for masked, mode_ranks in ranks.items()]
+    return pd.concat(frames, ignore_index=True)
+
+
+def target_ranks(cases: list[Case], ranked: dict[bool, list]) -> dict[bool, list[int | None]]:
+    """1-based rank of each case's target in its ranked (item, score) list, or None."""
+    return {m: [rank_of(c.target, [i for i, _ in r]) for c, r in zip(cases, lists)] for m, lists in ranked.items()}
+
+
+def metrics_of(ranks: pd.DataFrame, ks) -> dict:
+    """`{"test": {...}, "valid": {...}, "test_masked": {...}, "valid_masked": {...}}`."""
+    out = {}
+    for masked in (False, True):
+        for split in ("test", "valid"):
+            rows = ranks[(ranks["split"] == split) & (ranks["masked"] == masked)]
+            if len(rows):
+                values = [None if pd.isna(r) else int(r) for r in rows["rank"]]
+                out[split + ("_masked" if masked else "")] = metric_table(values, ks)
+    return out
+
+
+def popularity_ranks(sequences: pd.DataFrame, cases: list[Case], n_items: int) -> dict[bool, list[int]]:
+    """Ranks of the targets under MostPop on the same cases: items ordered by their number
+    of training interactions (`items[:-2]` of every user), ties by lower item id;
+    masked = the case's `seen` items removed. A reference point computed with the model's
+    own ranks, so "beats popularity" is checked on exactly the same users."""
+    counts = np.bincount(np.concatenate([np.asarray(s[:-2], dtype=np.int64) for s in sequences["items"]]),
+                         minlength=n_items).astype(np.float64)
+    key = counts - np.arange(len(counts)) / (len(counts) + 1.0)  # strict order: ties -> lower id first
+    order = np.argsort(-key, kind="stable")
+    position = np.empty(len(order), dtype=np.int64)
+    position[order] = np.arange(1, len(order) + 1)
+    out: dict[bool, list[int]] = {False: [], True: []}
+    for c in cases:
+        rank = int(position[c.target])
+        out[False].append(rank)
+        out[True].append(rank - int(sum(1 for i in set(c.seen) if i != c.target and position[i] < rank)))
+    return out
+
+
+def evaluate(rec, sequences: pd.DataFrame, cfg: EvalSettings, progress: bool = False) -> tuple[dict, pd.DataFrame]:
+    """Rank every selected user's validation and test target; return (metrics, ranks)."""
+    start = time.perf_counter()
+    users = select_users(sequences, cfg.max_users, cfg.seed)
+    trie = build_item_trie(rec.item_sids, rec.tokenizer, "model item SID table")
+    unknown = next((i for items in users["items"] for i in items if int(i) not in trie.path), None)
+    if unknown is not None:
+        raise TTDSError(f"sequences.parquet: item {unknown} has no SID in the model's item table "
+                        "(data/processed and data/model are from different runs?)")
+    ranker = ConstrainedRanker(rec.model, rec.tokenizer, trie, cfg.beams, cfg.scoring)
+    builder = PromptBuilder(rec.tokenizer, rec.item_sids, rec.user_sids, cfg.template)
+    cases = [c for split in SPLITS for c in eval_cases(users, split, cfg.max_history)]
+    ranked = rank_cases(ranker, builder, cases, cfg.batch_size, progress="evaluate" if progress else None)
+    ranks = rank_table(cases, target_ranks(cases, ranked))
+    metrics = metrics_of(ranks, cfg.ks)
+    n_items = 1 + max(max(trie.path), max(int(i) for items in sequences["items"] for i in items))
+    metrics["popularity"] = metrics_of(rank_table(cases, popularity_ranks(sequences, cases, n_items)), cfg.ks)
+    metrics.update({
+        "users": int(len(users)),
+        "users_total": int(len(sequences)),
+        "user_sample": "all" if cfg.max_users is None or cfg.max_users >= len(sequences)
+        else f"seeded sample of {cfg.max_users} (seed {cfg.seed})",
+        "items": len(trie),
+        "beams": cfg.beams,
+        "scoring": cfg.scoring,
+        "mask_history": cfg.mask_history,
+        "headline": "test_masked" if cfg.mask_history else "test",
+        "user_tower": builder.user_sid is not None,
+        "seconds": round(time.perf_counter() - start, 1),
+    })
+    return metrics, ranks
+
+
+def run(params: dict, processed_dir: str | Path = "data/processed", model_dir: str | Path = "data/model",
+        backbone_dir: str | Path = "data/backbone", out_dir: str | Path = "data/eval",
+        metrics_path: str | Path = "metrics/eval.json") -> dict:
+    """The `evaluate` stage: write `metrics/eval.json` and `data/eval/ranks.parquet`."""
+    from .recommender import load_recommender
+
+    cfg = eval_settings(params)
+    seed_everything(cfg.seed)
+    sequences = read_parquet(Path(processed_dir) / "sequences.parquet", ["user_id", "items"])
+    if not (Path(model_dir) / "recommender.json").is_file():
+        raise TTDSError(f"{model_dir}: no trained model (run the finetune stage first)")
+    rec = load_recommender(params, model_dir=model_dir, backbone_dir=backbone_dir)
+    metrics, ranks = evaluate(rec, sequences, cfg, progress=True)
+    with atomic_dir(out_dir) as tmp:
+        write_parquet(Path(tmp) / "ranks.parquet", ranks)
+    write_json(metrics_path, metrics)
+    return metrics

@@ -1,0 +1,645 @@
+"""The `finetune` stage: LoRA fine-tuning of the backbone on the task mixture, with the
+DM-VAE losses and the dynamic semantic index (paper eq. 15, SPEC "Dynamic index").
+
+    L = L_LLM + loss.alpha * (L_ID + loss.beta * L_Token)        (L_ID/L_Token: loss.dm_vae)
+
+Pieces: `tasks` builds and renders the samples, `dynamic` owns the SID rows, DM-VAE and
+refresh, `recommender` writes / reads `data/model`. This module is the loop.
+
+Speed on CPU: batches are left-padded and length-bucketed, and logits are computed only
+for the last positions that carry a loss (`logits_to_keep`): with left padding every
+response ends at the last position, and the 49k-row LM head dominates a small backbone.
+
+Learning rates (AdamW): `train.lr` for LoRA, `train.embedding_lr` for the new SID rows
+and the codebook projections (they start from scratch), `train.tokenizer_lr` for the
+RQ-VAE tokenizers of a dynamic index (they start from warmup and must not drift away
+from it at the embedding rate). Linear warm-up (`train.warmup_ratio`) then cosine decay.
+
+Validation (every epoch and at the end) is teacher-forced on `train.val_users` fixed
+validation users: the loss of the validation target's SID and the share of users whose
+whole SID is the arg-max at every position (`val_sid_acc`). Full-ranking beam-search
+metrics are the `evaluate` stage's job. The best state by `val_sid_acc` (then lower loss)
+is what `data/model` receives.
+
+Resume: `data/checkpoints/last` holds everything that changes while training (trainable
+weights, SID tables, cached X, optimizer, scheduler, RNG, position in the data); a rerun
+with the same relevant params continues from it and reaches the same result as an
+uninterrupted run (a params mismatch starts fresh with a warning).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import resource
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import dynamic, tasks
+from .config import get, seed_everything
+from .errors import TTDSError
+from .io import atomic_dir, load_tensors, read_json, read_npy, read_parquet, save_tensors, write_json, \
+    write_npy, write_parquet
+from .prompts import seqrec_prompt
+from .vocab import encode_prompt, encode_response, extend_vocabulary
+
+
+TOWER_FILES = {"item": ("items", "item_id"), "user": ("users", "user_id")}
+
+
+# ---------------------------------------------------------------- config
+
+@dataclass
+class TrainConfig:
+    seed: int
+    towers: list[str]
+    dynamic: bool
+    kind: str
+    refresh_every: int
+    tie: bool
+    dm_vae: bool
+    alpha: float
+    beta: float
+    epochs: int
+    max_steps: int | None
+    batch_size: int
+    grad_accum: int
+    lr: float
+    embedding_lr: float
+    tokenizer_lr: float
+    warmup_ratio: float
+    weight_decay: float
+    max_grad_norm: float
+    checkpoint_every: int
+    val_users: int
+    template: int
+    dmvae_batch: int
+    max_response_tokens: int
+    bucket: int
+    threads: int | None
+
+    @classmethod
+    def from_params(cls, params: dict) -> "TrainConfig":
+        user = get(params, "tower.user", bool)
+        return cls(
+            seed=get(params, "seed", int),
+            towers=["item", "user"] if user else ["item"],
+            dynamic=get(params, "index.dynamic", bool),
+            kind=get(params, "index.kind", str, choices=("rq", "lsh", "random")),
+            refresh_every=get(params, "index.refresh_every", int, min_value=1),
+            tie=get(params, "index.tie_embeddings", bool),
+            dm_vae=get(params, "loss.dm_vae", bool),
+            alpha=get(params, "loss.alpha", float, min_value=0.0),
+            beta=get(params, "loss.beta", float, min_value=0.0),
+            epochs=get(params, "train.epochs", int, min_value=1),
+            max_steps=get(params, "train.max_steps", int, None, min_value=1),
+            batch_size=get(params, "train.batch_size", int, min_value=1),
+            grad_accum=get(params, "train.grad_accum", int, min_value=1),
+            lr=get(params, "train.lr", float, min_value=0.0),
+            embedding_lr=get(params, "train.embedding_lr", float, min_value=0.0),
+            tokenizer_lr=get(params, "train.tokenizer_lr", float, 1.0e-4, min_value=0.0),
+            warmup_ratio=get(params, "train.warmup_ratio", float, min_value=0.0),
+            weight_decay=get(params, "train.weight_decay", float, min_value=0.0),
+            max_grad_norm=get(params, "train.max_grad_norm", float, 1.0, min_value=0.0),
+            checkpoint_every=get(params, "train.checkpoint_every", int, min_value=1),
+            val_users=get(params, "train.val_users", int, min_value=0),
+            template=get(params, "train.template", int, 0, min_value=0),
+            dmvae_batch=get(params, "train.dmvae_batch", int, 16, min_value=1),
+            max_response_tokens=get(params, "tasks.max_response_tokens", int, 32, min_value=1),
+            bucket=get(params, "train.bucket_batches", int, 32, min_value=1),
+            threads=get(params, "train.threads", int, None, min_value=1),
+        )
+
+
+# Params that change what training computes; a checkpoint made under others is not resumed.
+RESUME_KEYS = ("seed", "model", "index", "tower", "tasks", "loss", "init", "lora", "train", "data.max_history")
+NOT_RESUME_KEYS = ("train.checkpoint_every", "train.threads")
+
+
+def params_hash(params: dict) -> str:
+    picked = {}
+    for key in RESUME_KEYS:
+        node = params
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        picked[key] = node
+    picked = json.loads(json.dumps(picked, sort_keys=True, default=str))
+    for key in NOT_RESUME_KEYS:
+        top, leaf = key.split(".")
+        if isinstance(picked.get(top), dict):
+            picked[top].pop(leaf, None)
+    return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- state of the index
+
+@dataclass
+class IndexState:
+    """What the dynamic index changes: SID tables and the cached text representations X."""
+    tables: dict[str, pd.DataFrame]
+    x: dict[str, np.ndarray]
+    churn: list[dict] = field(default_factory=list)
+
+    def sid_tables(self) -> tasks.SidTables:
+        item = dynamic.sid_strings(self.tables["item"], "item_id", len(self.x["item"]))
+        user = dynamic.sid_strings(self.tables["user"], "user_id", len(self.x["user"])) \
+            if "user" in self.tables else None
+        return tasks.SidTables(item=item, user=user)
+
+
+# ---------------------------------------------------------------- the trained module
+
+class TTDSModule(nn.Module):
+    """The peft model (SID rows installed) + all losses in one forward, so DDP sees one
+    forward per backward and synchronises every gradient, the DM-VAE ones included."""
+
+    def __init__(self, lm, sid: dynamic.SidVocab, cfg: TrainConfig):
+        super().__init__()
+        self.lm = lm
+        self._sid = (sid,)  # registered inside lm (input embedding wrapper)
+        self.cfg = cfg
+
+    @property
+    def sid(self) -> dynamic.SidVocab:
+        return self._sid[0]
+
+    def forward(self, input_ids, attention_mask, labels, dm: dict | None = None) -> dict:
+        from .backbone import decoder_of
+
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # as generation computes them
+        keep = labels.shape[1] + 1
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      logits_to_keep=keep, use_cache=False)
+        logits = out.logits[:, :-1].float()
+        l_llm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        losses = {"llm": l_llm}
+        total = l_llm
+        if dm:
+            decoder = decoder_of(self.lm)
+            l_id = l_token = l_llm.new_zeros(())
+            for tower, (ids, mask, x) in dm.items():
+                part = dynamic.dmvae_losses(decoder, self.sid.tokenizers[tower], ids, mask, x)
+                l_id = l_id + part["id"]
+                l_token = l_token + part["token"]
+            losses.update(id=l_id, token=l_token)
+            total = total + self.cfg.alpha * (l_id + self.cfg.beta * l_token)
+        losses["total"] = total
+        return losses
+
+
+# ---------------------------------------------------------------- batches
+
+def epoch_batches(samples: list[tasks.Sample], data: tasks.TaskData, cfg: TrainConfig, epoch: int,
+                  rank: int, world: int) -> list[tuple[list[int], list[int]]]:
+    """This process's (sample indices, templates) per micro-batch of `epoch`.
+
+    Shuffled by (seed, epoch); inside chunks of `train.bucket_batches` batches the samples
+    are sorted by prompt length so a batch carries little padding; the batch order is
+    shuffled again. Every process sees the same number of batches.
+    """
+    rng = np.random.default_rng([cfg.seed, epoch])
+    order = rng.permutation(len(samples))
+    templates = rng.integers(0, 1 << 30, size=len(samples))
+    chunk = cfg.batch_size * cfg.bucket
+    batches = []
+    for s in range(0, len(order), chunk):
+        part = sorted(order[s:s + chunk], key=lambda j: tasks.approx_length(samples[j], data))
+        batches += [part[i:i + cfg.batch_size] for i in range(0, len(part), cfg.batch_size)]
+    batches = [batches[j] for j in rng.permutation(len(batches))]
+    usable = (len(batches) // world) * world
+    mine = batches[rank:usable:world]
+    return [([int(j) for j in b], [int(templates[j] % tasks.n_templates(samples[j].task)) for j in b])
+            for b in mine]
+
+
+def collate(pairs: list[tuple[str, str]], tokenizer, max_response_tokens: int) -> dict:
+    """Left-padded prompt+response ids; labels [B, R] aligned to the end (response + EOS)."""
+    rows, responses = [], []
+    for prompt, response in pairs:
+        resp = encode_response(tokenizer, response)
+        if len(resp) > max_response_tokens + 1:
+            resp = resp[:max_response_tokens] + [tokenizer.eos_token_id]
+        rows.append(encode_prompt(tokenizer, prompt) + resp)
+        responses.append(resp)
+    width = max(len(r) for r in rows)
+    r_width = max(len(r) for r in responses)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), r_width), -100, dtype=torch.long)
+    for j, (r, resp) in enumerate(zip(rows, responses)):
+        ids[j, width - len(r):] = torch.tensor(r)
+        mask[j, width - len(r):] = 1
+        labels[j, r_width - len(resp):] = torch.tensor(resp)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def dm_batch(state: IndexState, tokenizer, cfg: TrainConfig, step: int, micro: int, device) -> dict:
+    """A seeded sample of entities per tower for the DM-VAE terms of this micro-step."""
+    rng = np.random.default_rng([cfg.seed, 7, step, micro])
+    tables = state.sid_tables()
+    out = {}
+    for tower in cfg.towers:
+        strings = tables.item if tower == "item" else tables.user
+        pick = rng.choice(len(strings), size=min(cfg.dmvae_batch, len(strings)), replace=False)
+        ids, mask = dynamic.encode_sids(tokenizer, [strings[j] for j in pick], device)
+        out[tower] = (ids, mask, torch.as_tensor(state.x[tower][pick], device=device))
+    return out
+
+
+# ---------------------------------------------------------------- setup
+
+def load_inputs(params: dict, data_dir: Path, towers: list[str]):
+    processed = data_dir / "processed"
+    sequences = read_parquet(processed / "sequences.parquet", ["user_id", "items"])
+    items = read_parquet(processed / "items.parquet", ["item_id", "title", "text"]).sort_values("item_id")
+    users = read_parquet(processed / "users.parquet", ["user_id", "text"]).sort_values("user_id")
+    inter_path = processed / "interactions.parquet"  # optional: timestamps and reviews
+    interactions = read_parquet(inter_path, ["user_id", "item_id", "split"]) if inter_path.exists() else None
+    texts = {"item": items["text"].tolist(), "user": users["text"].tolist()}
+    x, tables = {}, {}
+    for tower in towers:
+        name, key = TOWER_FILES[tower]
+        x[tower] = read_npy(data_dir / "embeddings" / f"{name}.npy").astype(np.float32)
+        if len(x[tower]) != len(texts[tower]):
+            raise TTDSError(f"{data_dir}/embeddings/{name}.npy: {len(x[tower])} rows, "
+                            f"{name}.parquet has {len(texts[tower])}")
+        tables[tower] = read_parquet(data_dir / "sids" / f"{name}.parquet", [key, "codes", "suffix", "sid"])
+        tables[tower] = tables[tower][[key, "codes", "suffix", "sid"]].sort_values(key).reset_index(drop=True)
+        dynamic.sid_strings(tables[tower], key, len(texts[tower]))  # checks completeness
+    return sequences, items, interactions, texts, x, tables
+
+
+def load_tokenizers(data_dir: Path, towers: list[str], x: dict, cfg: TrainConfig, length: int,
+                    codebook_size: int) -> dict[str, nn.Module]:
+    from .quantize import load_quantizer
+
+    out = {}
+    for tower in towers:
+        path = data_dir / "tokenizer" / f"{tower}.safetensors"
+        q, qcfg = load_quantizer(path, in_dim=x[tower].shape[1])
+        if q.kind != cfg.kind or q.length != length or q.codebook_size != codebook_size:
+            raise TTDSError(f"{path}: tokenizer is {q.kind} {q.length}x{q.codebook_size}, params ask for "
+                            f"{cfg.kind} {length}x{codebook_size} (rerun warmup)")
+        trainable = cfg.dynamic and q.kind == "rq"
+        for p in q.parameters():
+            p.requires_grad_(trainable)
+        out[tower] = q.train(trainable)
+    return out
+
+
+def build_model(params: dict, cfg: TrainConfig, index: IndexState, texts: dict, tokenizers: dict,
+                backbone_dir: Path, device):
+    """(peft model with SID rows installed, tokenizer, SidVocab)."""
+    from peft import LoraConfig, get_peft_model
+
+    from .backbone import load_backbone
+
+    length = get(params, "index.length", int, min_value=1)
+    size = get(params, "index.codebook_size", int, min_value=2)
+    max_suffix = get(params, "index.max_suffix", int, min_value=1)
+    init = get(params, "init.sid_embeddings", str, choices=("random", "semantic"))
+    model, tokenizer = load_backbone(params, device=device, backbone_dir=backbone_dir)
+    layouts = dynamic.make_layouts(cfg.towers, length, size, max_suffix)
+    for lay in layouts:
+        dynamic.check_table_fits(index.tables[lay.tower], lay, f"data/sids/{TOWER_FILES[lay.tower][0]}.parquet")
+    new_tokens = [t for lay in layouts for t in lay.tokens()]
+    old_emb = model.get_input_embeddings().weight.detach()
+    std = float(old_emb.float().std())
+    ids = extend_vocabulary(model, tokenizer, new_tokens)
+    if ids != list(range(ids[0], ids[0] + len(ids))):
+        raise TTDSError("tokenizer assigned non-contiguous ids to the SID tokens")
+    sid = dynamic.SidVocab(ids[0], layouts, model.config.hidden_size, tied_head=dynamic.is_tied(model),
+                           tokenizers=tokenizers, tie_codebooks=cfg.tie)
+    semantic = None
+    if init == "semantic":
+        max_tokens = get(params, "model.max_text_tokens", int, 64, min_value=1)
+        semantic = {t: (dynamic.table_codes(index.tables[t], TOWER_FILES[t][1]),
+                        dynamic.token_text_embeddings(model, tokenizer, texts[t], max_tokens))
+                    for t in cfg.towers}
+    dynamic.init_rows(sid, std, torch.Generator().manual_seed(cfg.seed), semantic)
+    lora = LoraConfig(r=get(params, "lora.r", int, min_value=1), lora_alpha=get(params, "lora.alpha", int, min_value=1),
+                      lora_dropout=get(params, "lora.dropout", float, min_value=0.0),
+                      target_modules=list(get(params, "lora.targets", list)), task_type="CAUSAL_LM")
+    try:
+        model = get_peft_model(model, lora)
+    except ValueError as exc:
+        raise TTDSError(f"params: 'lora.targets' do not match the backbone's modules ({exc})") from None
+    dynamic.install(model, sid.to(device))
+    return model, tokenizer, sid
+
+
+def make_optimizer(module: TTDSModule, cfg: TrainConfig) -> torch.optim.Optimizer:
+    sid, groups = module.sid, {"lora": [], "rows": [], "tokenizer": []}
+    tok_ids = {id(p) for p in sid.tokenizers.parameters()}
+    row_ids = {id(p) for n, p in sid.named_parameters() if id(p) not in tok_ids}
+    for name, p in module.named_parameters():
+        if id(p) in tok_ids:
+            if p.requires_grad:
+                groups["tokenizer"].append(p)
+        elif id(p) in row_ids:
+            p.requires_grad_(True)
+            groups["rows"].append(p)
+        elif p.requires_grad:
+            groups["lora"].append(p)
+    spec = [{"params": groups["lora"], "lr": cfg.lr, "weight_decay": cfg.weight_decay},
+            {"params": groups["rows"], "lr": cfg.embedding_lr, "weight_decay": 0.0},
+            {"params": groups["tokenizer"], "lr": cfg.tokenizer_lr, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in spec if g["params"]])
+
+
+def trainable_state(module: TTDSModule) -> dict[str, torch.Tensor]:
+    """Everything that training changes: LoRA weights and the SidVocab (rows, projections,
+    tokenizers with their buffers). The frozen backbone is not saved."""
+    sid_prefix = None
+    for name, mod in module.named_modules():
+        if mod is module.sid:
+            sid_prefix = name + "."
+            break
+    return {k: v.detach().clone() for k, v in module.state_dict().items()
+            if "lora_" in k or (sid_prefix and k.startswith(sid_prefix))}
+
+
+# ---------------------------------------------------------------- validation
+
+@torch.no_grad()
+def validate(module: TTDSModule, tokenizer, val: list, index: IndexState, cfg: TrainConfig, max_history: int,
+             device) -> dict:
+    """Teacher-forced loss and whole-SID arg-max accuracy on the validation targets."""
+    if not val:
+        return {}
+    was_training = module.training
+    module.eval()
+    tables = index.sid_tables()
+    total_loss, n_tok, exact = 0.0, 0, 0
+    for s in range(0, len(val), cfg.batch_size):
+        pairs = []
+        for user, history, target in val[s:s + cfg.batch_size]:
+            hist = [tables.item[i] for i in history[-max_history:]]
+            user_sid = tables.user[user] if tables.user is not None else None
+            pairs.append((seqrec_prompt(hist, user_sid, cfg.template), tables.item[target]))
+        batch = {k: v.to(device) for k, v in collate(pairs, tokenizer, cfg.max_response_tokens).items()}
+        labels = batch["labels"]
+        pos = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        out = module.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=pos,
+                        logits_to_keep=labels.shape[1] + 1, use_cache=False)
+        logits = out.logits[:, :-1].float()
+        valid = labels != -100
+        total_loss += float(F.cross_entropy(logits[valid], labels[valid], reduction="sum"))
+        n_tok += int(valid.sum())
+        hit = (logits.argmax(-1) == labels) | ~valid
+        exact += int(hit.all(-1).sum())
+    module.train(was_training)
+    return {"val_loss": total_loss / max(n_tok, 1), "val_sid_acc": exact / len(val), "val_users": len(val)}
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def _rng_state() -> tuple[dict, dict]:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return tensors, {"numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+                     "python": [py_state[0], list(py_state[1]), py_state[2]]}
+
+
+def _set_rng_state(tensors: dict, js: dict) -> None:
+    torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda"])
+    n = js["numpy"]
+    np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), *n[2:]))
+    p = js["python"]
+    random.setstate((p[0], tuple(p[1]), p[2]))
+
+
+def save_checkpoint(path: Path, module: TTDSModule, optimizer, scheduler, index: IndexState, progress: dict,
+                    phash: str, history: list) -> None:
+    with atomic_dir(path) as tmp:
+        save_tensors(tmp / "trainable.safetensors", trainable_state(module))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
+        rng_t, rng_j = _rng_state()
+        save_tensors(tmp / "rng.safetensors", rng_t)
+        for tower, table in index.tables.items():
+            write_parquet(tmp / f"{tower}_sids.parquet", table)
+            write_npy(tmp / f"{tower}_x.npy", index.x[tower])
+        write_json(tmp / "state.json", {"params_hash": phash, **progress, "rng": rng_j,
+                                        "churn": index.churn, "history": history})
+
+
+def load_checkpoint(path: Path, module: TTDSModule, optimizer, scheduler, index: IndexState, phash: str):
+    """Progress dict when `path` holds a compatible checkpoint, else None (start fresh)."""
+    if not (path / "state.json").exists():
+        return None
+    state = read_json(path / "state.json")
+    if state.get("params_hash") != phash:
+        print(f"warning: {path} was made with other params; starting fresh", file=sys.stderr)
+        return None
+    missing, unexpected = module.load_state_dict(load_tensors(path / "trainable.safetensors"), strict=False)
+    if unexpected:
+        raise TTDSError(f"{path}: checkpoint does not match the model ({unexpected[0]})")
+    blob = torch.load(path / "optim.pt", weights_only=True)
+    optimizer.load_state_dict(blob["optimizer"])
+    scheduler.load_state_dict(blob["scheduler"])
+    for tower in list(index.tables):
+        index.tables[tower] = read_parquet(path / f"{tower}_sids.parquet")
+        index.x[tower] = read_npy(path / f"{tower}_x.npy")
+    index.churn = state.get("churn", [])
+    _set_rng_state(load_tensors(path / "rng.safetensors"), state["rng"])
+    return state
+
+
+# ---------------------------------------------------------------- refresh
+
+def refresh_index(module: TTDSModule, tokenizer, index: IndexState, texts: dict, params: dict, step: int,
+                  device) -> dict:
+    """Re-derive every tower's SIDs with the current LLM and tokenizers (dynamic index)."""
+    embed_kwargs = {"batch_size": get(params, "embed.batch_size", int, 32, min_value=1),
+                    "max_tokens": get(params, "model.max_text_tokens", int, 64, min_value=1),
+                    "device": device, "progress": False}
+    record = {"step": step}
+    for lay in module.sid.layouts:
+        x, table, ch = dynamic.refresh_tower(module.lm, tokenizer, module.sid.tokenizers[lay.tower],
+                                             texts[lay.tower], index.tables[lay.tower], lay, embed_kwargs)
+        index.x[lay.tower], index.tables[lay.tower] = x, table
+        record[f"churn_{lay.tower}"] = ch
+    index.churn.append(record)
+    return record
+
+
+# ---------------------------------------------------------------- the stage
+
+def run(params: dict, data_dir: str | Path = "data", metrics_dir: str | Path = "metrics",
+        live_dir: str | Path = "dvclive/finetune") -> dict:
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+    from transformers import get_cosine_schedule_with_warmup
+
+    from .recommender import save_recommender
+
+    t_start = time.time()
+    data_dir, metrics_dir = Path(data_dir), Path(metrics_dir)
+    cfg = TrainConfig.from_params(params)
+    max_history = get(params, "data.max_history", int, min_value=1)
+    cuda = torch.cuda.is_available()
+    # cpu=True without CUDA: under torchrun that selects gloo DDP over CPU processes.
+    accelerator = Accelerator(cpu=not cuda, gradient_accumulation_steps=cfg.grad_accum,
+                              mixed_precision="bf16" if cuda else "no",
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    device, main = accelerator.device, accelerator.is_main_process
+    if cfg.threads is not None and device.type == "cpu":
+        torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+
+    sequences, items, interactions, texts, x, tables = load_inputs(params, data_dir, cfg.towers)
+    index = IndexState(tables=tables, x=x)
+    weights = tasks.enabled_tasks(get(params, "tasks.weights", dict),
+                                  get(params, "tasks.high_order", bool), "user" in cfg.towers)
+    data = tasks.build_task_data(sequences, items, interactions, max_history,
+                                 get(params, "tasks.max_next_user", int, min_value=1))
+    samples = tasks.build_samples(data, weights, cfg.seed)
+    val = tasks.validation_samples(sequences, cfg.val_users, cfg.seed)
+
+    tokenizers = load_tokenizers(data_dir, cfg.towers, x, cfg, get(params, "index.length", int),
+                                 get(params, "index.codebook_size", int))
+    lm, tokenizer, sid = build_model(params, cfg, index, texts, tokenizers, data_dir / "backbone", device)
+    module = TTDSModule(lm, sid, cfg).to(device)
+    module.train()
+    optimizer = make_optimizer(module, cfg)
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+    per_epoch = len(epoch_batches(samples, data, cfg, 0, rank, world)) // cfg.grad_accum
+    if per_epoch == 0:
+        raise TTDSError(f"train.batch_size x train.grad_accum x processes = "
+                        f"{cfg.batch_size * cfg.grad_accum * world} exceeds the {len(samples)} training samples")
+    total_steps = per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.epochs)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * total_steps), total_steps)
+    phash = params_hash(params)
+    ckpt = data_dir / "checkpoints" / "last"
+    progress = load_checkpoint(ckpt, module, optimizer, scheduler, index, phash)
+    step = progress["step"] if progress else 0
+    epoch0, batch0 = (progress["epoch"], progress["batch"]) if progress else (0, 0)
+    history = progress.get("history", []) if progress else []
+    best = progress.get("best") if progress else None
+    module, optimizer = accelerator.prepare(module, optimizer)
+    inner = accelerator.unwrap_model(module)
+
+    live = None
+    if main:
+        from dvclive import Live
+        live = Live(str(live_dir), dvcyaml=None, save_dvc_exp=False, resume=progress is not None,
+                    report=None)
+    if main and progress:
+        print(f"finetune: resuming from step {step} ({ckpt})", file=sys.stderr)
+
+    best_state = None
+    tokens_seen, t_compute, t0 = 0, 0.0, time.time()  # t_compute: train steps only
+    window: dict[str, list[float]] = {}
+    from tqdm.auto import tqdm
+    bar = tqdm(total=total_steps, initial=step, desc="finetune", disable=not main, unit="step")
+    done = step >= total_steps
+    for epoch in range(epoch0, cfg.epochs):
+        if done:
+            break
+        batches = epoch_batches(samples, data, cfg, epoch, rank, world)
+        usable = (len(batches) // cfg.grad_accum) * cfg.grad_accum
+        start = batch0 if epoch == epoch0 else 0
+        for b in range(start, usable):
+            idx, tmpl = batches[b]
+            tables_now = index.sid_tables()
+            pairs = [tasks.render(samples[j], data, tables_now, t) for j, t in zip(idx, tmpl)]
+            batch = {k: v.to(device) for k, v in collate(pairs, tokenizer, cfg.max_response_tokens).items()}
+            dm = dm_batch(index, tokenizer, cfg, step, b, device) if cfg.dm_vae else None
+            t_step = time.time()
+            with accelerator.accumulate(module):
+                losses = module(**batch, dm=dm)
+                accelerator.backward(losses["total"])
+                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+            t_compute += time.time() - t_step
+            tokens_seen += int(batch["attention_mask"].sum())
+            for k, v in losses.items():
+                window.setdefault(k, []).append(float(v.detach()))
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            step += 1
+            bar.update(1)
+            row = {"step": step, "lr": scheduler.get_last_lr()[0],
+                   **{f"loss_{k}": float(np.mean(v)) for k, v in window.items()}}
+            window = {}
+            history.append(row)
+            if live is not None:
+                for k, v in row.items():
+                    if k != "step":
+                        live.log_metric(f"train/{k}", v)
+                live.next_step()
+            if cfg.dynamic and step % cfg.refresh_every == 0 and step < total_steps:
+                rec = refresh_index(inner, tokenizer, index, texts, params, step, device)
+                if main:
+                    print(f"finetune: refresh at step {step}: " + ", ".join(
+                        f"{k} {v:.3f}" for k, v in rec.items() if k != "step"), file=sys.stderr)
+                    for k, v in rec.items():
+                        if k != "step":
+                            live.log_metric(f"index/{k}", v, plot=False)
+            done = step >= total_steps
+            if step % cfg.checkpoint_every == 0 and not done:
+                if main:
+                    save_checkpoint(ckpt, inner, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
+                                    scheduler, index, {"step": step, "epoch": epoch, "batch": b + 1, "best": best},
+                                    phash, history)
+                accelerator.wait_for_everyone()
+            if done:
+                break
+        # epoch end (or the last step): validation and best-state bookkeeping
+        metrics = validate(inner, tokenizer, val, index, cfg, max_history, device)
+        if main and metrics:
+            print(f"finetune: epoch {epoch} step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
+                  file=sys.stderr)
+            for k in ("val_loss", "val_sid_acc"):
+                live.log_metric(f"val/{k}", metrics[k], plot=False)
+        score = (metrics.get("val_sid_acc", 0.0), -metrics.get("val_loss", 0.0))
+        if best is None or score >= tuple(best["score"]):
+            best = {"score": list(score), "step": step, **metrics}
+            best_state = (trainable_state(inner), {t: tb.copy() for t, tb in index.tables.items()})
+    t_train = time.time() - t0
+    bar.close()
+
+    if best_state is not None:
+        inner.load_state_dict(best_state[0], strict=False)
+        index.tables = best_state[1]
+    if main:
+        save_recommender(data_dir / "model", inner, tokenizer, index.tables, cfg.towers, params)
+        last = history[-1] if history else {}
+        first = history[0] if history else {}
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        summary = {
+            "steps": step, "epochs": cfg.epochs, "samples": len(samples),
+            "task_counts": {t: sum(s.task == t for s in samples) for t in weights},
+            "processes": world, "device": str(device),
+            "loss_start": {k: v for k, v in first.items() if k.startswith("loss_")},
+            "loss_end": {k: v for k, v in last.items() if k.startswith("loss_")},
+            "train_seconds": round(t_train, 1), "total_seconds": round(time.time() - t_start, 1),
+            "step_seconds": round(t_compute / max(len(history) - (progress["step"] if progress else 0), 1), 2),
+            "tokens_per_second": round(tokens_seen * world / max(t_compute, 1e-9), 1),
+            "peak_rss_mb": round(peak_mb, 1), "churn": index.churn, "best": best,
+            "resumed_from_step": progress["step"] if progress else None,
+        }
+        write_json(metrics_dir / "finetune.json", summary)
+        live.end()
+        shutil.rmtree(ckpt, ignore_errors=True)  # finished: nothing to resume
+    accelerator.wait_for_everyone()
+    return {"history": history, "best": best, "churn": index.churn}

@@ -1,0 +1,351 @@
+"""Semantic-ID tokenizers: X (an LLM embedding) -> M discrete codes, one per level.
+
+Three kinds share one interface (`length`, `codebook_size`, `codes(x, ids=None)`):
+- `RQVAE` (paper §4.2.2, eq. 10-11): MLP encoder -> residual quantizer with M codebooks
+  of N vectors -> mirror MLP decoder reconstructing X. Trainable (warmup, and again
+  during dynamic fine-tuning through `rq_loss`).
+- `LSHQuantizer`: random-hyperplane LSH, log2(N) sign bits per level (TT-DLSH/TT-SLSH).
+- `RandomQuantizer`: random codes keyed by entity id (TT-SR).
+
+Inputs are standardised per dimension inside each tokenizer (the `input_mean` /
+`input_scale` buffers, fitted on the warmup embeddings and saved with the weights):
+mean-pooled LLM states carry a few dimensions with very large values that would
+otherwise dominate every distance. Fine-tuning gets the same normalisation for free
+because it is part of the module.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import TTDSError
+from .io import save_tensors
+
+KINDS = ("rq", "lsh", "random")
+
+
+def check_index_shape(length: int, codebook_size: int) -> None:
+    if length < 1:
+        raise TTDSError(f"params: 'index.length' = {length}, expected at least 1")
+    if codebook_size < 2:
+        raise TTDSError(f"params: 'index.codebook_size' = {codebook_size}, expected at least 2")
+
+
+def default_widths(in_dim: int, code_dim: int) -> list[int]:
+    """Encoder widths: in_dim, every power of two strictly between code_dim and in_dim
+    (descending), then code_dim. 4096 -> [4096, 2048, 1024, 512, 256] as in the paper;
+    SmolLM2's 576 -> [576, 512, 256]."""
+    hidden = []
+    p = 1 << max(in_dim - 1, 1).bit_length()
+    while p > code_dim:
+        if p < in_dim:
+            hidden.append(p)
+        p //= 2
+    return [in_dim, *hidden, code_dim]
+
+
+def mlp(widths: list[int]) -> nn.Sequential:
+    """Linear layers through `widths`, ReLU between them (none after the last)."""
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        if i:
+            layers.append(nn.ReLU())
+        layers.append(nn.Linear(a, b))
+    return nn.Sequential(*layers)
+
+
+def _as_tensor(x, like: torch.Tensor) -> torch.Tensor:
+    x = torch.as_tensor(x)
+    return x.to(device=like.device, dtype=like.dtype)
+
+
+def _check_dim(x: torch.Tensor, in_dim: int) -> None:
+    if x.ndim != 2 or x.shape[1] != in_dim:
+        raise TTDSError(f"embeddings of shape {tuple(x.shape)} do not match the tokenizer's input dim {in_dim}")
+
+
+class _Standardise(nn.Module):
+    """Per-dimension standardisation with stats stored as buffers (saved with the weights)."""
+
+    def __init__(self, in_dim: int):
+        super().__init__()
+        self.register_buffer("input_mean", torch.zeros(in_dim))
+        self.register_buffer("input_scale", torch.ones(in_dim))
+
+    @torch.no_grad()
+    def fit_normalisation(self, x, scale: bool = True) -> None:
+        x = _as_tensor(x, self.input_mean)
+        self.input_mean.copy_(x.mean(0))
+        if scale:
+            self.input_scale.copy_(x.std(0).clamp(min=1e-6))
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.input_mean) / self.input_scale
+
+
+class RQVAE(_Standardise):
+    """Residual-quantization VAE (paper eq. 10-11, 13)."""
+
+    kind = "rq"
+
+    def __init__(self, in_dim: int, code_dim: int = 256, length: int = 4, codebook_size: int = 256,
+                 widths: list[int] | None = None, beta: float = 0.25):
+        super().__init__(in_dim)
+        check_index_shape(length, codebook_size)
+        widths = list(widths) if widths else default_widths(in_dim, code_dim)
+        if widths[0] != in_dim or widths[-1] != code_dim:
+            raise TTDSError(f"tokenizer widths {widths} must start at the input dim {in_dim} "
+                            f"and end at index.code_dim {code_dim}")
+        self.in_dim, self.code_dim, self.length, self.codebook_size = in_dim, code_dim, length, codebook_size
+        self.widths, self.beta = widths, beta
+        self.encoder = mlp(widths)
+        self.decoder = mlp(widths[::-1])
+        # One tensor [M, N, code_dim]: level m's codebook is codebooks[m].
+        self.codebooks = nn.Parameter(torch.randn(length, codebook_size, code_dim) / code_dim ** 0.5)
+
+    def codebook(self, m: int) -> torch.Tensor:
+        return self.codebooks[m]
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        _check_dim(x, self.in_dim)
+        return self.encoder(self.normalise(x))
+
+    @staticmethod
+    def _nearest(r: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+        """Index of the closest codebook row to each row of r (squared L2, eq. 10)."""
+        dist = (r.pow(2).sum(1, keepdim=True) - 2 * r @ codebook.T + codebook.pow(2).sum(1)[None])
+        return dist.argmin(1)
+
+    def quantize(self, z: torch.Tensor):
+        """(z_q straight-through, codes [B, M], codebook loss, commitment loss, residual norms).
+
+        Level m quantizes the residual r_m = r_{m-1} - c*_{m-1} (eq. 11). The codebook
+        loss pulls c*_m towards r_m, the commitment loss pulls r_m (hence the encoder)
+        towards c*_m; their sum over levels is eq. 13. `residual_norms[m]` is the mean
+        norm of r_m (m = 0 is z itself, m = M what is left after all levels).
+        """
+        residual, z_q = z, torch.zeros_like(z)
+        codes, norms = [], [z.detach().norm(dim=1).mean()]
+        loss_codebook = z.new_zeros(())
+        loss_commit = z.new_zeros(())
+        for m in range(self.length):
+            idx = self._nearest(residual.detach(), self.codebooks[m])
+            c = self.codebooks[m][idx]
+            loss_codebook = loss_codebook + F.mse_loss(c, residual.detach())
+            loss_commit = loss_commit + F.mse_loss(residual, c.detach())
+            z_q = z_q + c
+            residual = residual - c.detach()
+            codes.append(idx)
+            norms.append(residual.detach().norm(dim=1).mean())
+        z_q_st = z + (z_q - z).detach()
+        return z_q_st, torch.stack(codes, 1), loss_codebook, loss_commit, norms
+
+    def forward(self, x) -> dict:
+        x = _as_tensor(x, self.input_mean)
+        z = self.encode(x)
+        z_q, codes, loss_codebook, loss_commit, norms = self.quantize(z)
+        recon = self.decoder(z_q)
+        loss_recon = F.mse_loss(recon, self.normalise(x))
+        loss = loss_recon + loss_codebook + self.beta * loss_commit
+        return {"recon": recon, "codes": codes, "z": z, "z_q": z_q, "loss": loss, "loss_recon": loss_recon,
+                "loss_codebook": loss_codebook, "loss_commit": loss_commit, "residual_norms": norms}
+
+    def rq_loss(self, x) -> torch.Tensor:
+        """L_Token of eq. 13 (residual errors summed over levels) plus reconstruction:
+        the tokenizer's own objective, for fine-tuning to keep training it on new X."""
+        return self.forward(x)["loss"]
+
+    @torch.no_grad()
+    def codes(self, x, ids=None, batch_size: int = 4096) -> torch.Tensor:
+        """LongTensor [B, M] of code indices (`ids` unused; part of the shared API)."""
+        x = _as_tensor(x, self.input_mean)
+        _check_dim(x, self.in_dim)
+        chunks = [self.quantize(self.encode(x[i:i + batch_size]))[1] for i in range(0, len(x), batch_size)]
+        return torch.cat(chunks) if chunks else torch.zeros((0, self.length), dtype=torch.long)
+
+    @torch.no_grad()
+    def _residuals(self, x: torch.Tensor, batch_size: int = 4096):
+        """Residual r_m of every row at every level, and its code: lists of M tensors."""
+        z = torch.cat([self.encode(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+        residuals, codes = [], []
+        for m in range(self.length):
+            idx = torch.cat([self._nearest(z[i:i + batch_size], self.codebooks[m])
+                             for i in range(0, len(z), batch_size)])
+            residuals.append(z)
+            codes.append(idx)
+            z = z - self.codebooks[m][idx]
+        return residuals, codes
+
+    @torch.no_grad()
+    def init_kmeans(self, x, sample: int = 20000, iters: int = 25, seed: int = 0) -> None:
+        """Initialise each codebook by k-means on real residuals of that level.
+
+        Uses a seeded random sample of up to `sample` rows of x (the whole data set when
+        smaller), level by level: level m clusters the residuals left by levels < m
+        under the codebooks just fitted. With fewer distinct points than codes, the
+        spare codes are copies of data points plus small noise (dead codes that
+        `reseed_dead_codes` can later move).
+        """
+        from sklearn.cluster import KMeans
+
+        x = _as_tensor(x, self.input_mean)
+        gen = np.random.default_rng(seed)
+        if len(x) > sample:
+            x = x[torch.as_tensor(np.sort(gen.choice(len(x), sample, replace=False)))]
+        z = self.encode(x)
+        for m in range(self.length):
+            points = z.double().cpu().numpy()
+            k = min(self.codebook_size, len(np.unique(points.round(6), axis=0)))
+            km = KMeans(n_clusters=k, n_init=1, max_iter=iters, random_state=seed + m).fit(points)
+            centers = torch.as_tensor(km.cluster_centers_, dtype=z.dtype)
+            if k < self.codebook_size:
+                extra = points[gen.choice(len(points), self.codebook_size - k)]
+                noise = gen.normal(0.0, 1e-3, extra.shape)
+                centers = torch.cat([centers, torch.as_tensor(extra + noise, dtype=z.dtype)])
+            self.codebooks[m].copy_(centers.to(self.codebooks.device))
+            z = z - self.codebooks[m][self._nearest(z, self.codebooks[m])]
+
+    @torch.no_grad()
+    def reseed_dead_codes(self, x, min_usage: int = 1, seed: int = 0) -> int:
+        """Move codes used by fewer than `min_usage` rows of x onto random residuals of
+        their level (paper-style RQ-VAEs lose many codes otherwise). Returns how many."""
+        x = _as_tensor(x, self.input_mean)
+        gen = torch.Generator().manual_seed(seed)
+        moved = 0
+        for m in range(self.length):
+            residuals, codes = self._residuals(x)
+            usage = torch.bincount(codes[m], minlength=self.codebook_size)
+            dead = torch.nonzero(usage < min_usage).flatten()
+            if len(dead) == 0:
+                continue
+            pick = torch.randint(len(x), (len(dead),), generator=gen)
+            self.codebooks[m][dead] = residuals[m][pick.to(residuals[m].device)]
+            moved += len(dead)
+        return moved
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n >= 2 and n & (n - 1) == 0
+
+
+class LSHQuantizer(_Standardise):
+    """Random-hyperplane LSH: level m's code is log2(N) sign bits of seeded Gaussian
+    projections of the centred input, read as an integer. No trainable parameters."""
+
+    kind = "lsh"
+
+    def __init__(self, in_dim: int, length: int = 4, codebook_size: int = 256, seed: int = 0):
+        super().__init__(in_dim)
+        check_index_shape(length, codebook_size)
+        if not _is_power_of_two(codebook_size):
+            raise TTDSError(f"params: 'index.codebook_size' = {codebook_size}, LSH needs a power of two")
+        self.in_dim, self.length, self.codebook_size = in_dim, length, codebook_size
+        bits = codebook_size.bit_length() - 1
+        gen = torch.Generator().manual_seed(seed)
+        self.register_buffer("hyperplanes", torch.randn(length, bits, in_dim, generator=gen))
+        self.register_buffer("weights", 2 ** torch.arange(bits))
+
+    @torch.no_grad()
+    def codes(self, x, ids=None) -> torch.Tensor:
+        x = _as_tensor(x, self.input_mean)
+        _check_dim(x, self.in_dim)
+        bits = torch.einsum("bd,mkd->bmk", self.normalise(x), self.hyperplanes) > 0
+        return (bits.long() * self.weights).sum(-1)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """A well-mixed 64-bit hash (SplitMix64 finaliser), vectorised."""
+    with np.errstate(over="ignore"):
+        x = (x + np.uint64(0x9E3779B97F4A7C15)).astype(np.uint64)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+class RandomQuantizer(nn.Module):
+    """Random codes keyed by entity id: code[e, m] = hash(seed, e, m) mod N.
+
+    The codes ignore the embedding entirely (the TT-SR ablation), so `codes` needs the
+    entity ids; an entity keeps its code however often the index is refreshed.
+    """
+
+    kind = "random"
+
+    def __init__(self, in_dim: int, length: int = 4, codebook_size: int = 256, seed: int = 0):
+        super().__init__()
+        check_index_shape(length, codebook_size)
+        self.in_dim, self.length, self.codebook_size, self.seed = in_dim, length, codebook_size, seed
+
+    @torch.no_grad()
+    def codes(self, x=None, ids=None) -> torch.Tensor:
+        if ids is None:
+            raise TTDSError("index.kind 'random' assigns codes by entity id: pass ids to codes()")
+        if x is not None:
+            _check_dim(torch.as_tensor(x), self.in_dim)
+        ids = np.asarray(ids, dtype=np.uint64)
+        levels = np.arange(self.length, dtype=np.uint64)
+        with np.errstate(over="ignore"):  # uint64 arithmetic wraps by design
+            key = _splitmix64(np.uint64(self.seed)) ^ _splitmix64(ids)
+            h = _splitmix64(key[:, None] * np.uint64(self.length + 1) + levels[None])
+        return torch.as_tensor((h % np.uint64(self.codebook_size)).astype(np.int64))
+
+
+def build_quantizer(cfg: dict):
+    """A tokenizer from its config: kind, in_dim, length, codebook_size, code_dim, widths, beta, seed."""
+    kind = cfg.get("kind", "rq")
+    if kind not in KINDS:
+        raise TTDSError(f"params: 'index.kind' = {kind!r}, expected one of {', '.join(KINDS)}")
+    length, size, in_dim = int(cfg["length"]), int(cfg["codebook_size"]), int(cfg["in_dim"])
+    check_index_shape(length, size)
+    if kind == "rq":
+        return RQVAE(in_dim, code_dim=int(cfg.get("code_dim", 256)), length=length, codebook_size=size,
+                     widths=cfg.get("widths"), beta=float(cfg.get("beta", 0.25)))
+    cls = LSHQuantizer if kind == "lsh" else RandomQuantizer
+    return cls(in_dim, length=length, codebook_size=size, seed=int(cfg.get("seed", 0)))
+
+
+def quantizer_config(q, **extra) -> dict:
+    """The JSON config that rebuilds `q` with `build_quantizer`."""
+    cfg = {"kind": q.kind, "in_dim": q.in_dim, "length": q.length, "codebook_size": q.codebook_size}
+    if isinstance(q, RQVAE):
+        cfg.update(code_dim=q.code_dim, widths=q.widths, beta=q.beta)
+    if isinstance(q, RandomQuantizer):
+        cfg["seed"] = q.seed
+    cfg.update(extra)
+    return cfg
+
+
+def save_quantizer(path: str | Path, q, cfg: dict | None = None) -> None:
+    """Weights and buffers as safetensors, the config in the file's metadata."""
+    cfg = {**quantizer_config(q), **(cfg or {})}
+    state = q.state_dict()
+    if not state:  # safetensors needs at least one tensor
+        state = {"_empty": torch.zeros(0)}
+    save_tensors(path, state, metadata={"config": json.dumps(cfg)})
+
+
+def load_quantizer(path: str | Path, in_dim: int | None = None):
+    """(tokenizer in eval mode, config). `in_dim`: the embeddings' dim, checked against it."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise TTDSError(f"{path}: tokenizer checkpoint not found (run the warmup stage first)")
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata() or {}
+        state = {k: fh.get_tensor(k) for k in fh.keys() if k != "_empty"}
+    if "config" not in meta:
+        raise TTDSError(f"{path}: no tokenizer config in the checkpoint metadata")
+    cfg = json.loads(meta["config"])
+    if in_dim is not None and int(cfg["in_dim"]) != int(in_dim):
+        raise TTDSError(f"{path}: tokenizer was trained on {cfg['in_dim']}-dim embeddings, "
+                        f"the embeddings have dim {in_dim}")
+    q = build_quantizer(cfg)
+    q.load_state_dict(state)
+    return q.eval(), cfg

@@ -1,0 +1,198 @@
+"""The fine-tuning task mixture (paper §4.2.4, SPEC "Tasks").
+
+Samples are *structural*: `(task, key, pos)` points into the training data and carries
+no SID text. They are rendered to (prompt, response) strings at batch time with the
+*current* SID tables, so a dynamic refresh of the index changes prompts and targets
+without rebuilding the sample list.
+
+- `seqrec` (key = user, pos = index of the target in the user's training sequence):
+  the last `max_history` training items before the target -> the target item's SID.
+  One sample per prefix of each training sequence (`items[:-2]`).
+- `next_user` (key = item, pos = index of the target user in the item's user list):
+  the item's SID and the users before it (at most `max_next_user`) -> the next user's SID.
+  Users are ordered by the time of their interaction with the item; without timestamps
+  the proxy is the interaction's relative position in the user's training sequence
+  (pos / length), ties broken by user id.
+- `preference` (key = user, pos as in seqrec): the history -> the user's review (or
+  summary) of the next training item when there is one, else that item's title.
+
+Mixture size (`tasks.weights`): `seqrec` keeps round(w * N) of its N samples (1.0 = all);
+every other task draws round(w * N) samples (relative to the same seqrec count N) from its
+own pool, without replacement and capped at the pool size. All draws are seeded.
+Only `split == 'train'` interactions are ever read here: validation/test items and their
+reviews never reach a training input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from . import prompts
+from .errors import TTDSError
+from .text import clean_text, is_missing
+
+TASKS = ("seqrec", "next_user", "preference")
+
+
+@dataclass(frozen=True)
+class Sample:
+    task: str
+    key: int   # user id (seqrec, preference) or item id (next_user)
+    pos: int   # index of the target inside the key's sequence
+
+
+@dataclass
+class TaskData:
+    """Everything the renderer needs, all restricted to training interactions."""
+    train_seqs: dict[int, list[int]]          # user -> chronological training items
+    item_users: dict[int, list[int]]          # item -> training users in time order
+    reviews: dict[tuple[int, int], str]       # (user, item) -> review text (train only)
+    titles: dict[int, str]                    # item -> title
+    max_history: int
+    max_next_user: int
+
+
+def train_sequences(sequences: pd.DataFrame) -> dict[int, list[int]]:
+    """user -> items[:-2] (the last two items are the validation and test targets)."""
+    return {int(u): [int(i) for i in items[:-2]] for u, items in zip(sequences["user_id"], sequences["items"])}
+
+
+def item_user_lists(train_seqs: dict[int, list[int]], interactions: pd.DataFrame | None) -> dict[int, list[int]]:
+    """item -> its training users in time order.
+
+    Timestamps are used when every training interaction has one; otherwise the proxy is
+    the interaction's relative position in the user's training sequence (a user who
+    bought the item early in their history comes first). Ties: user id.
+    """
+    stamps: dict[tuple[int, int], float] = {}
+    if interactions is not None and "timestamp" in interactions.columns:
+        train = interactions[interactions["split"] == "train"]
+        if len(train) and train["timestamp"].notna().all():
+            stamps = {(int(u), int(i)): float(t) for u, i, t in
+                      zip(train["user_id"], train["item_id"], train["timestamp"])}
+    events: dict[int, list[tuple[float, int]]] = {}
+    for user, items in train_seqs.items():
+        n = max(len(items), 1)
+        for p, item in enumerate(items):
+            when = stamps.get((user, item), p / n) if stamps else p / n
+            events.setdefault(item, []).append((when, user))
+    return {item: [u for _, u in sorted(ev)] for item, ev in events.items()}
+
+
+def train_reviews(interactions: pd.DataFrame | None) -> dict[tuple[int, int], str]:
+    """(user, item) -> review (else summary) text of TRAINING interactions only."""
+    if interactions is None:
+        return {}
+    train = interactions[interactions["split"] == "train"]
+    out = {}
+    for field in ("summary", "review"):  # review wins over summary when both exist
+        if field not in train.columns:
+            continue
+        for u, i, text in zip(train["user_id"], train["item_id"], train[field]):
+            if not is_missing(text):
+                text = clean_text(text)
+                if text:
+                    out[(int(u), int(i))] = text
+    return out
+
+
+def build_task_data(sequences: pd.DataFrame, items: pd.DataFrame, interactions: pd.DataFrame | None,
+                    max_history: int, max_next_user: int) -> TaskData:
+    seqs = train_sequences(sequences)
+    return TaskData(train_seqs=seqs, item_users=item_user_lists(seqs, interactions),
+                    reviews=train_reviews(interactions),
+                    titles={int(i): clean_text(t) for i, t in zip(items["item_id"], items["title"])},
+                    max_history=max_history, max_next_user=max_next_user)
+
+
+def _pool(task: str, data: TaskData) -> list[Sample]:
+    if task in ("seqrec", "preference"):
+        return [Sample(task, u, p) for u, seq in sorted(data.train_seqs.items()) for p in range(1, len(seq))]
+    if task == "next_user":
+        return [Sample(task, i, k) for i, users in sorted(data.item_users.items()) for k in range(1, len(users))]
+    raise TTDSError(f"tasks.weights: unknown task {task!r}, expected one of {', '.join(TASKS)}")
+
+
+def enabled_tasks(weights: dict, high_order: bool, user_tower: bool) -> dict[str, float]:
+    """The tasks that run: seqrec always; high-order ones only with `tasks.high_order`,
+    and next_user only with the user tower (STDS has no user tokens at all)."""
+    out = {"seqrec": float(weights.get("seqrec", 1.0))}
+    if high_order:
+        if user_tower:
+            out["next_user"] = float(weights.get("next_user", 0.0))
+        out["preference"] = float(weights.get("preference", 0.0))
+    for name, w in out.items():
+        if not 0.0 <= w or (name == "seqrec" and not 0.0 < w <= 1.0):
+            raise TTDSError(f"params: 'tasks.weights.{name}' = {w}, expected seqrec in (0, 1] and others >= 0")
+    return {k: w for k, w in out.items() if w > 0}
+
+
+def build_samples(data: TaskData, weights: dict[str, float], seed: int) -> list[Sample]:
+    """The training mixture (see module docstring for how weights size it)."""
+    rng = np.random.default_rng(seed)
+    seqrec = _pool("seqrec", data)
+    if not seqrec:
+        raise TTDSError("sequences.parquet: no user has two or more training items, nothing to train on")
+    n_ref = len(seqrec)
+    out: list[Sample] = []
+    for task, w in weights.items():
+        pool = seqrec if task == "seqrec" else _pool(task, data)
+        n = min(len(pool), int(round(w * n_ref)))
+        if n == len(pool):
+            out += pool
+        elif n > 0:
+            out += [pool[j] for j in sorted(rng.choice(len(pool), size=n, replace=False))]
+    return out
+
+
+@dataclass
+class SidTables:
+    """Current SID strings, indexed by entity id (users None when the user tower is off)."""
+    item: list[str]
+    user: list[str] | None = None
+
+
+def render(sample: Sample, data: TaskData, sids: SidTables, template: int) -> tuple[str, str]:
+    """(prompt, response) text of one sample with the current SID tables."""
+    if sample.task in ("seqrec", "preference"):
+        seq = data.train_seqs[sample.key]
+        target = seq[sample.pos]
+        history = [sids.item[i] for i in seq[max(0, sample.pos - data.max_history):sample.pos]]
+        user = sids.user[sample.key] if sids.user is not None else None
+        if sample.task == "seqrec":
+            return prompts.seqrec_prompt(history, user, template), sids.item[target]
+        review = data.reviews.get((sample.key, target))
+        prompt = prompts.preference_prompt(history, user, template, has_reviews=review is not None)
+        return prompt, review if review is not None else data.titles[target]
+    if sample.task == "next_user":
+        if sids.user is None:
+            raise TTDSError("tasks: next_user needs the user tower (tower.user: true)")
+        users = data.item_users[sample.key]
+        before = users[max(0, sample.pos - data.max_next_user):sample.pos]
+        prompt = prompts.next_user_prompt(sids.item[sample.key], [sids.user[u] for u in before], template)
+        return prompt, sids.user[users[sample.pos]]
+    raise TTDSError(f"unknown task {sample.task!r}")
+
+
+def n_templates(task: str) -> int:
+    return {"seqrec": len(prompts.SEQREC), "next_user": len(prompts.NEXT_USER),
+            "preference": min(len(prompts.PREFERENCE), len(prompts.PREFERENCE_TITLE))}[task]
+
+
+def approx_length(sample: Sample, data: TaskData) -> int:
+    """Prompt length proxy (entities shown) for length-bucketed batching, before rendering."""
+    if sample.task == "next_user":
+        return min(sample.pos, data.max_next_user)
+    return min(sample.pos, data.max_history)
+
+
+def validation_samples(sequences: pd.DataFrame, n_users: int, seed: int) -> list[tuple[int, list[int], int]]:
+    """A fixed, seeded set of (user, history, validation target): history = items[:-2]."""
+    rows = [(int(u), [int(i) for i in items]) for u, items in zip(sequences["user_id"], sequences["items"])
+            if len(items) >= 3]
+    rng = np.random.default_rng(seed)
+    pick = sorted(rng.choice(len(rows), size=min(n_users, len(rows)), replace=False)) if rows else []
+    return [(rows[j][0], rows[j][1][:-2], rows[j][1][-2]) for j in pick]
