@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from contextlib import contextmanager
 from typing import Optional
 
 import typer
@@ -35,14 +36,20 @@ def _resolve(target: str):
     return getattr(importlib.import_module(module), func)
 
 
-def run_stage(name: str, params_path: str = "params.yaml", /, **kwargs) -> None:
-    """Load params and run stage `name`; user errors become one line + exit 2."""
+@contextmanager
+def user_errors():
+    """Turn a `TTDSError` into one line on stderr and exit code 2 (no traceback)."""
     try:
-        params = load_params(params_path)
-        _resolve(STAGES[name])(params, **kwargs)
+        yield
     except TTDSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def run_stage(name: str, params_path: str = "params.yaml", /, **kwargs) -> None:
+    """Load params and run stage `name`; user errors become one line + exit 2."""
+    with user_errors():
+        _resolve(STAGES[name])(load_params(params_path), **kwargs)
 
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -74,11 +81,8 @@ def recommend(user: str = typer.Option(..., help="original user id or user index
               k: int = typer.Option(10, help="number of items"),
               params: str = typer.Option("params.yaml", help="params file")) -> None:
     """Print the top-K items for one user (from the top-K cache when it is current)."""
-    try:
+    with user_errors():
         _resolve("ttds_core.serve:recommend_cli")(load_params(params), user=user, k=k)
-    except TTDSError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 @app.command()
@@ -87,11 +91,8 @@ def report(out: str = typer.Option("docs/results.md", help="markdown file to wri
                                                       "(default: read `dvc exp show --json`)"),
            params: str = typer.Option("params.yaml", help="params file")) -> None:
     """Render the paper-style tables and bar chart from experiments and baselines."""
-    try:
+    with user_errors():
         _resolve("ttds_core.report:report_cli")(load_params(params), out=out, experiments=experiments)
-    except TTDSError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 @app.command()
@@ -99,11 +100,8 @@ def grid(variant: Optional[list[str]] = typer.Option(None, help="variant to run 
          dry_run: bool = typer.Option(False, "--dry-run", help="print the dvc commands, run nothing"),
          force: bool = typer.Option(False, "--force", help="overwrite experiments of the same name")) -> None:
     """Queue the paper's variants as named DVC experiments and run them all."""
-    try:
+    with user_errors():
         _resolve("ttds_core.grid:grid_cli")(variant, dry_run=dry_run, force=force)
-    except TTDSError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 def main() -> None:

@@ -25,6 +25,7 @@ import pandas as pd
 from .config import get
 from .errors import TTDSError
 from .io import atomic_path, read_json, read_parquet
+from .metrics import metric_table
 from .variants import VARIANTS
 
 METRICS = ("HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10")
@@ -162,6 +163,34 @@ def load_baselines(metrics_dir: Path) -> dict[str, dict]:
         if "test" not in metrics:
             raise TTDSError(f"{path}: no 'test' section, expected the metrics/eval.json format")
         out[path.stem] = metrics
+    return out
+
+
+def align_users(baselines: dict[str, dict], eval_ranks: Path, baseline_dir: Path) -> dict[str, dict]:
+    """Baseline metrics on exactly the users TTDS was evaluated on.
+
+    `evaluate` may rank a seeded sample of users (`eval.max_users`) while the baselines
+    rank everyone; a table mixing the two user sets would compare a sample with the
+    population. When the TTDS run covers fewer users, each baseline's metrics are
+    recomputed from its per-user ranks on those users.
+    """
+    if not eval_ranks.exists():
+        return baselines
+    users = set(read_parquet(eval_ranks, ["user_id"])["user_id"].unique())
+    out = {}
+    for name, metrics in baselines.items():
+        path = baseline_dir / name / "ranks.parquet"
+        if metrics.get("users") == len(users) or not path.exists():
+            out[name] = metrics
+            continue
+        ranks = read_parquet(path, ["user_id", "split", "rank", "masked"])
+        ranks = ranks[ranks["user_id"].isin(users)]
+        aligned = dict(metrics, users=len(users), users_total=metrics.get("users"))
+        for split in ("valid", "test"):
+            for masked in (False, True):
+                rows = ranks[(ranks["split"] == split) & (ranks["masked"] == masked)]
+                aligned[f"{split}_masked" if masked else split] = metric_table(rows["rank"].tolist())
+        out[name] = aligned
     return out
 
 
@@ -384,6 +413,7 @@ def report_cli(params: dict, out: str, experiments: str | None = None,
     runs = load_experiments(experiments, Path(eval_path))
     if not baselines and not runs:
         raise TTDSError(f"nothing to report: no {Path(metrics_dir).as_posix()}/*.json and no experiments")
+    baselines = align_users(baselines, Path(eval_ranks), Path(baseline_dir))
     significance = significance_section(baselines, Path(eval_ranks), Path(baseline_dir))
     text = render(params, baselines, runs, significance).replace("(results.png)", f"({out.stem}.png)")
     bar_chart(out.with_suffix(".png"), baselines, runs)

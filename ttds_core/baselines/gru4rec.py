@@ -8,10 +8,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import item_logits, next_item_loss
+from .layers import CausalNextItem
 
 
-class GRU4Rec(nn.Module):
+class GRU4Rec(CausalNextItem):
     def __init__(self, n_items: int, hidden: int, layers: int, dropout: float):
         super().__init__()
         self.n_items = n_items
@@ -27,15 +27,6 @@ class GRU4Rec(nn.Module):
         # right padding: outputs at real positions never depend on the padding after them
         out, _ = self.gru(self.dropout(self.item_embedding(items)))
         return self.dense(out)
-
-    def loss(self, windows: torch.Tensor) -> torch.Tensor:
-        hidden = self.encode(windows[:, :-1])
-        return next_item_loss(hidden, windows[:, 1:], self.item_embedding, self.n_items)
-
-    def scores(self, inputs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        hidden = self.encode(inputs)
-        last = hidden[torch.arange(len(inputs), device=inputs.device), lengths - 1]
-        return item_logits(last, self.item_embedding, self.n_items)
 
 
 def build(n_items: int, max_history: int, cfg: dict) -> GRU4Rec:

@@ -50,3 +50,24 @@ def next_item_loss(hidden: torch.Tensor, targets: torch.Tensor, item_embedding: 
     if bias is not None:
         logits = logits + bias
     return F.cross_entropy(logits, targets[keep] - 1)
+
+
+class CausalNextItem(nn.Module):
+    """Shared head of the left-to-right models (SASRec, GRU4Rec): a subclass defines
+    `encode(items) -> hidden [B, L, H]` and `item_embedding`; training predicts every next
+    item of a window, scoring reads the state at each history's last real position."""
+
+    n_items: int
+    item_embedding: nn.Embedding
+
+    def encode(self, items: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def loss(self, windows: torch.Tensor) -> torch.Tensor:
+        hidden = self.encode(windows[:, :-1])
+        return next_item_loss(hidden, windows[:, 1:], self.item_embedding, self.n_items)
+
+    def scores(self, inputs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        hidden = self.encode(inputs)
+        last = hidden[torch.arange(len(inputs), device=inputs.device), lengths - 1]
+        return item_logits(last, self.item_embedding, self.n_items)

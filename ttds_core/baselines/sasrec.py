@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import causal_mask, init_weights, item_logits, next_item_loss, transformer_stack
+from .layers import CausalNextItem, causal_mask, init_weights, transformer_stack
 
 
-class SASRec(nn.Module):
+class SASRec(CausalNextItem):
     def __init__(self, n_items: int, max_history: int, hidden: int, layers: int, heads: int,
                  dropout: float):
         super().__init__()
@@ -31,15 +31,6 @@ class SASRec(nn.Module):
         h = self.dropout(self.norm(self.item_embedding(items) + self.position_embedding(positions)))
         mask = causal_mask(items.size(1), items.device)
         return self.encoder(h, mask=mask, is_causal=True)
-
-    def loss(self, windows: torch.Tensor) -> torch.Tensor:
-        hidden = self.encode(windows[:, :-1])
-        return next_item_loss(hidden, windows[:, 1:], self.item_embedding, self.n_items)
-
-    def scores(self, inputs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        hidden = self.encode(inputs)
-        last = hidden[torch.arange(len(inputs), device=inputs.device), lengths - 1]
-        return item_logits(last, self.item_embedding, self.n_items)
 
 
 def build(n_items: int, max_history: int, cfg: dict) -> SASRec:
