@@ -71,7 +71,7 @@ def main() -> None:
     params = {**params, "init": {**params.get("init", {}), "sid_embeddings": "random"}}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     lm, tok, sid = finetune.build_model(params, cfg, index, texts, tokenizers, "data/backbone", device)
-    module = finetune.TTDSModule(lm, sid, cfg).to(device).train()
+    module = finetune.TTDSModule(lm, sid, cfg, tok.eos_token_id).to(device).train()
     opt = finetune.make_optimizer(module, cfg)
     load_s = time.time() - t0
 

@@ -3,11 +3,14 @@
 # ttds_core/variants.py, then compare them.
 #
 #   scripts/grid.sh --dry-run            # print the dvc commands only
-#   scripts/grid.sh                      # queue all variants, then `dvc exp run --run-all`
-#   scripts/grid.sh --variant TTDS --variant TTDS-HO --force
+#   scripts/grid.sh                      # every variant, one by one, in the workspace
+#   scripts/grid.sh --variant TTSS --variant TTDS-HO --force
+#   scripts/grid.sh --queue              # queue them all, then `dvc exp run --run-all`
 #
-# Queued experiments start from the last git commit (plus changes to tracked files):
-# commit first; untracked files do not reach them. Afterwards:
+# Commit params.yaml, dvc.lock and metrics/ first: the workspace grid resets them between
+# variants and restores the baseline at the end. `--queue` runs copies of the repository
+# under .dvc/tmp/exps, where the default relative data.root (../shared/...) does not
+# resolve: use it only with data inside the repository or at an absolute path. Afterwards:
 #   dvc exp show --md --only-changed ; dvc metrics diff --all --md ; ttds report
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from ttds_core.baselines import model_config, run
-from ttds_core.baselines.data import load_split, training_windows
+from ttds_core.baselines.data import load_split, pad_inputs, training_windows
+from ttds_core.baselines.fmlprec import FMLPRec, prefixes
 from ttds_core.baselines.loop import rank_targets
 from ttds_core.errors import TTDSError
 from ttds_core.metrics import metric_table
@@ -64,10 +65,11 @@ def test_training_windows_cover_train_items_once_and_nothing_else():
     assert windows.shape[1] == 9
 
 
-def test_split_matches_sequences_and_metrics_match_ranks(tmp_path):
+@pytest.mark.parametrize("name", ["mostpop", "fmlprec"])
+def test_split_matches_sequences_and_metrics_match_ranks(tmp_path, name):
     processed, seqs = _write_split(tmp_path)
-    metrics = _run(tmp_path, processed, "mostpop", _params())
-    ranks = pd.read_parquet(tmp_path / "out" / "mostpop" / "ranks.parquet")
+    metrics = _run(tmp_path, processed, name, _params(epochs=2))
+    ranks = pd.read_parquet(tmp_path / "out" / name / "ranks.parquet")
     assert list(ranks.columns) == ["user_id", "split", "target", "rank", "masked"]
     by_user = seqs.set_index("user_id")["items"]
     for which, pos in (("valid", -2), ("test", -1)):
@@ -97,16 +99,17 @@ def test_mostpop_counts_training_items_only(tmp_path):
     assert test["rank"].tolist() == [10, 10, 10]
 
 
-def test_sasrec_learns_sequential_pattern_and_beats_mostpop(tmp_path):
+@pytest.mark.parametrize("name", ["sasrec", "fmlprec"])
+def test_model_learns_sequential_pattern_and_beats_mostpop(tmp_path, name):
     processed, _ = _write_split(tmp_path)
     pop = _run(tmp_path, processed, "mostpop", _params())
-    sas = _run(tmp_path, processed, "sasrec", _params())
-    assert sas["test"]["HR@1"] > 0.5
-    assert sas["test"]["NDCG@10"] > pop["test"]["NDCG@10"] + 0.3
-    assert 1 <= sas["best_epoch"] <= sas["epochs"] <= 6
+    model = _run(tmp_path, processed, name, _params())
+    assert model["test"]["HR@1"] > 0.5
+    assert model["test"]["NDCG@10"] > pop["test"]["NDCG@10"] + 0.3
+    assert 1 <= model["best_epoch"] <= model["epochs"] <= 6
 
 
-@pytest.mark.parametrize("name", ["gru4rec", "bert4rec"])
+@pytest.mark.parametrize("name", ["gru4rec", "bert4rec", "fmlprec"])
 def test_other_models_train_and_rank(tmp_path, name):
     processed, seqs = _write_split(tmp_path, users=60)
     metrics = _run(tmp_path, processed, name, _params(epochs=2))
@@ -118,11 +121,62 @@ def test_other_models_train_and_rank(tmp_path, name):
     assert all(np.isfinite(h["loss"]) for h in history)
 
 
-def test_same_seed_same_metrics(tmp_path):
+@pytest.mark.parametrize("name", ["sasrec", "fmlprec"])
+def test_same_seed_same_metrics(tmp_path, name):
     processed, _ = _write_split(tmp_path, users=60)
-    a = _run(tmp_path / "a", processed, "sasrec", _params(epochs=2))
-    b = _run(tmp_path / "b", processed, "sasrec", _params(epochs=2))
+    a = _run(tmp_path / "a", processed, name, _params(epochs=2))
+    b = _run(tmp_path / "b", processed, name, _params(epochs=2))
     assert a["test"] == b["test"] and a["valid_masked"] == b["valid_masked"]
+
+
+def test_fmlprec_training_pairs_are_the_causal_target_set():
+    windows = torch.from_numpy(training_windows([np.arange(0, 30), np.array([5, 6, 7])], max_history=8))
+    inputs, targets = prefixes(windows)
+    # the same targets as the causal models' per-position training ...
+    assert sorted(targets.tolist()) == sorted(windows[:, 1:][windows[:, 1:] > 0].tolist())
+    # ... each input is the consecutive run just before its target, right-aligned (left padding)
+    for row, target in zip(inputs, targets):
+        history = row[row > 0]
+        assert row[-len(history):].tolist() == history.tolist()
+        assert history.tolist() == list(range(int(target) - len(history), int(target)))
+
+
+def test_fmlprec_prediction_ignores_items_at_and_after_the_target():
+    """The filter mixes all positions; the model must only ever score from the history."""
+    torch.manual_seed(0)
+    model = FMLPRec(n_items=N_ITEMS, max_history=8, hidden=16, layers=2, dropout=0.0).eval()
+    seq = torch.tensor([[3, 9, 4, 17, 25, 11, 30, 2]])
+    later = seq.clone()
+    later[0, 5:] = torch.tensor([1, 1, 1])  # change everything from position 5 on
+    lengths = torch.tensor([5])
+    # scoring a history of 5 items: what follows it in the row cannot matter
+    assert torch.equal(model.scores(seq, lengths), model.scores(later, lengths))
+    # the same holds in training: the input paired with target seq[5] is the same 5 items
+    pad = torch.zeros(1, 1, dtype=torch.long)
+    a_in, a_targets = prefixes(torch.cat([seq, pad], 1))
+    b_in, _ = prefixes(torch.cat([later, pad], 1))
+    assert a_targets[4] == seq[0, 5] and torch.equal(a_in[4], b_in[4])
+    assert a_in[4].tolist() == [0, 0, 0] + seq[0, :5].tolist()
+    # end to end: the training loss is exactly the CE of scoring each target's history alone
+    windows = torch.from_numpy(training_windows([seq[0].numpy() - 1, np.arange(20, 31)], max_history=8))
+    pairs = [(w[:t], w[t]) for w in windows for t in range(1, len(w)) if w[t] > 0]
+    inputs, lengths = pad_inputs([history.numpy() - 1 for history, _ in pairs], max_history=8)
+    targets = torch.stack([target for _, target in pairs])
+    expected = torch.nn.functional.cross_entropy(model.scores(inputs, lengths), targets - 1)
+    assert torch.allclose(model.loss(windows), expected, atol=1e-5)
+    # the guard is needed: position 4 of a full row does see the later items through the filter
+    assert not torch.allclose(model.encode(seq)[:, 4], model.encode(later)[:, 4])
+
+
+def test_fmlprec_padding_embedding_never_reaches_the_scores():
+    torch.manual_seed(0)
+    model = FMLPRec(n_items=N_ITEMS, max_history=8, hidden=16, layers=2, dropout=0.0).eval()
+    inputs, lengths = pad_inputs([np.array([4, 5, 6]), np.arange(10, 20)], max_history=8)
+    before = model.scores(inputs, lengths)
+    # the padding embedding never reaches the output: padding slots are zeroed
+    with torch.no_grad():
+        model.item_embedding.weight[0].normal_()
+    assert torch.equal(before, model.scores(inputs, lengths))
 
 
 def test_bad_inputs_are_one_line_errors(tmp_path):

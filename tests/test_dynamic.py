@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from ttds_core import dynamic, tasks
+from ttds_core.errors import TTDSError
 from ttds_core.quantize import RQVAE
 from ttds_core.vocab import extend_vocabulary
 
@@ -115,14 +116,15 @@ def test_refresh_changes_sids_when_the_backbone_changes_and_targets_follow(tiny_
     kwargs = {"batch_size": 4, "max_tokens": 16, "device": "cpu", "progress": False}
     # same backbone: same SIDs (nothing moves without a reason)
     x1, same, churn0 = dynamic.refresh_tower(model, tok, q, texts, table0, lay, kwargs)
-    assert churn0 == 0.0 and same["sid"].tolist() == table0["sid"].tolist()
+    assert churn0["churn"] == 0.0 and same["sid"].tolist() == table0["sid"].tolist()
     np.testing.assert_allclose(x1, x0, atol=1e-5)
     # a changed backbone re-embeds differently, so SIDs move
     with torch.no_grad():
         for p in model.model.layers.parameters():
             p.add_(torch.randn_like(p) * 0.5)
     x2, moved, churn1 = dynamic.refresh_tower(model, tok, q, texts, table0, lay, kwargs)
-    assert churn1 > 0 and not np.allclose(x2, x0)
+    assert churn1["churn"] > 0 and not np.allclose(x2, x0)
+    assert churn1["churn_level_1"] <= churn1["churn_level_2"] == churn1["churn"]  # prefix churn grows
     # training targets are rendered from the current table
     seqs = pd.DataFrame({"user_id": [0], "items": [[0, 1, 2, 3, 4]]})
     items = pd.DataFrame({"item_id": range(10), "title": texts})
@@ -146,4 +148,72 @@ def test_refresh_keeps_the_table_when_suffixes_run_out(tiny_lm):
     texts = [f"item {i}" for i in range(6)]
     _, table, churn = dynamic.refresh_tower(model, tok, q, texts, old, lay,
                                             {"batch_size": 4, "max_tokens": 8, "device": "cpu", "progress": False})
-    assert table is old and churn == 0.0
+    assert table is old and churn["churn"] == 0.0
+
+
+def test_sticky_codes_keep_old_codes_inside_the_margin():
+    from ttds_core.quantize import RQVAE
+
+    torch.manual_seed(0)
+    q = RQVAE(16, code_dim=8, length=3, codebook_size=8, widths=[16, 8])
+    x = torch.randn(200, 16)
+    q.fit_normalisation(x)
+    q.init_kmeans(x, iters=5)
+    nearest = q.codes(x)
+    # margin 0 is plain nearest-code quantisation, whatever the previous codes
+    np.testing.assert_array_equal(q.sticky_codes(x, torch.zeros_like(nearest), 0.0), nearest)
+    # previous = nearest: nothing moves at any margin
+    np.testing.assert_array_equal(q.sticky_codes(x, nearest, 0.5), nearest)
+    # a perturbed input moves fewer codes the larger the margin
+    moved = x + 0.3 * torch.randn_like(x)
+    changed = [float((q.sticky_codes(moved, nearest, m) != nearest).any(1).float().mean())
+               for m in (0.0, 0.2, 0.6)]
+    assert changed[0] > changed[1] > changed[2]
+    with pytest.raises(TTDSError, match="refresh_margin"):
+        q.sticky_codes(x, nearest, 1.0)
+
+
+@pytest.mark.parametrize("softmax", ["vocab", "sid"])
+def test_response_loss_scores_only_the_labelled_positions(tiny_lm, softmax):
+    """The loss of `finetune.response_loss` (logits only where a label is) equals cross-
+    entropy over the full forward's logits: the whole vocabulary, or for SID responses
+    the SID columns + EOS."""
+    import torch.nn.functional as F
+
+    from ttds_core.finetune import response_loss
+
+    model, tok = tiny_lm
+    lm, sid, ids = _extended(model, tok, tie=True)
+    lm.eval()
+    eos = tok.eos_token_id
+    prompt = tok("history of the user", add_special_tokens=False)["input_ids"]
+    sid_resp = [ids[0], ids[5], eos]                                  # a SID response
+    text_resp = tok("a title", add_special_tokens=False)["input_ids"] + [eos]  # a text response
+    rows = [prompt + sid_resp, prompt[:3] + text_resp]
+    r = max(len(sid_resp), len(text_resp))
+    width = max(len(x) for x in rows)
+    input_ids = torch.full((2, width), tok.pad_token_id)
+    mask = torch.zeros((2, width), dtype=torch.long)
+    labels = torch.full((2, r), -100)
+    for j, (row, resp) in enumerate(zip(rows, [sid_resp, text_resp])):
+        input_ids[j, width - len(row):] = torch.tensor(row)
+        mask[j, width - len(row):] = 1
+        labels[j, r - len(resp):] = torch.tensor(resp)
+    with torch.no_grad():
+        loss, correct = response_loss(lm, sid, eos, input_ids, mask, labels, softmax)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = lm(input_ids=input_ids, attention_mask=mask, position_ids=pos).logits[:, width - r - 1:width - 1]
+    terms = []
+    for j in range(2):
+        for k in range(r):
+            y = int(labels[j, k])
+            if y == -100:
+                continue
+            row = logits[j, k]
+            if softmax == "sid" and j == 0:
+                cols = list(range(sid.first_id, sid.last_id)) + [eos]
+                terms.append(F.cross_entropy(row[cols][None], torch.tensor([cols.index(y)])))
+            else:
+                terms.append(F.cross_entropy(row[None], torch.tensor([y])))
+    torch.testing.assert_close(loss, torch.stack(terms).mean(), rtol=1e-4, atol=1e-5)
+    assert correct.shape == labels.shape and bool(correct[labels == -100].all())

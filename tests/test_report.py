@@ -130,7 +130,7 @@ def test_grid_commands_match_the_variants_table(capsys, monkeypatch):
     from ttds_core.grid import grid_cli, grid_commands
     from ttds_core.variants import VARIANTS
 
-    commands = grid_commands()
+    commands = grid_commands(queue=True)
     assert commands[-1] == "dvc exp run --run-all"
     assert len(commands) == len(VARIANTS) + 1
     for cmd, (name, sets) in zip(commands, VARIANTS.items()):
@@ -139,7 +139,8 @@ def test_grid_commands_match_the_variants_table(capsys, monkeypatch):
         for key, value in sets.items():
             expected = str(value).lower() if isinstance(value, bool) else str(value)
             assert f"-S {key}={expected}" in cmd
-    assert grid_commands(["TTDS-HO"], force=True)[0] == \
+    assert [c.replace("--queue ", "") for c in commands[:-1]] == grid_commands()  # workspace mode
+    assert grid_commands(["TTDS-HO"], force=True, queue=True)[0] == \
         "dvc exp run --force --queue --name ttds-ho -S tasks.high_order=false"
     with pytest.raises(TTDSError, match="unknown"):
         grid_commands(["TTDS-X"])
@@ -150,6 +151,8 @@ def test_grid_commands_match_the_variants_table(capsys, monkeypatch):
     monkeypatch.setattr(subprocess, "run", no_subprocess)
     grid_cli(["TTSS", "TT-SR"], dry_run=True)
     out = capsys.readouterr().out.splitlines()
-    assert out[:3] == ["dvc exp run --queue --name ttss -S index.dynamic=false",
-                       "dvc exp run --queue --name tt-sr -S index.kind=random -S index.dynamic=false",
-                       "dvc exp run --run-all"]
+    assert out[:2] == ["dvc exp run --name ttss -S index.dynamic=false",
+                       "dvc exp run --name tt-sr -S index.kind=random -S index.dynamic=false"]
+    grid_cli(["TTSS"], dry_run=True, queue=True)
+    assert capsys.readouterr().out.splitlines()[:2] == ["dvc exp run --queue --name ttss -S index.dynamic=false",
+                                                       "dvc exp run --run-all"]

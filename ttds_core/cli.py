@@ -70,7 +70,7 @@ for _name in STAGES:
 
 
 @app.command()
-def baseline(name: str = typer.Argument(..., help="mostpop | sasrec | gru4rec | bert4rec"),
+def baseline(name: str = typer.Argument(..., help="mostpop | sasrec | gru4rec | bert4rec | fmlprec"),
              params: str = typer.Option("params.yaml", help="params file")) -> None:
     """Train and evaluate one classic baseline on the evaluation split."""
     run_stage("baseline", params, name=name)
@@ -98,10 +98,13 @@ def report(out: str = typer.Option("docs/results.md", help="markdown file to wri
 @app.command()
 def grid(variant: Optional[list[str]] = typer.Option(None, help="variant to run (repeatable; default: all)"),
          dry_run: bool = typer.Option(False, "--dry-run", help="print the dvc commands, run nothing"),
-         force: bool = typer.Option(False, "--force", help="overwrite experiments of the same name")) -> None:
-    """Queue the paper's variants as named DVC experiments and run them all."""
+         force: bool = typer.Option(False, "--force", help="overwrite experiments of the same name"),
+         queue: bool = typer.Option(False, "--queue", help="queue them (runs in copies of the repo: data must "
+                                    "be inside it or at an absolute path) instead of one by one in the workspace")
+         ) -> None:
+    """Run the paper's variants as named DVC experiments (one by one in the workspace)."""
     with user_errors():
-        _resolve("ttds_core.grid:grid_cli")(variant, dry_run=dry_run, force=force)
+        _resolve("ttds_core.grid:grid_cli")(variant, dry_run=dry_run, force=force, queue=queue)
 
 
 def main() -> None:

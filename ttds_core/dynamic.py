@@ -331,10 +331,13 @@ def quantize_codes(quantizer, x: np.ndarray) -> np.ndarray:
 
 
 def refresh_tower(model, tokenizer, quantizer, texts: list[str], old: pd.DataFrame, lay: TowerLayout,
-                  embed_kwargs: dict) -> tuple[np.ndarray, pd.DataFrame, float]:
+                  embed_kwargs: dict, margin: float = 0.0) -> tuple[np.ndarray, pd.DataFrame, dict]:
     """Re-embed `texts` with the current LLM, re-quantise, re-resolve collisions.
 
-    Returns (new X, new table, churn). A collision set larger than `index.max_suffix`
+    `margin` > 0 (RQ tokenizers) keeps an entity's code at a level unless the nearest
+    code is closer by that relative margin (`RQVAE.sticky_codes`). Returns (new X, new
+    table, churn record: `churn` = share of entities whose SID changed, `churn_level_m`
+    = share whose first m codes changed). A collision set larger than `index.max_suffix`
     cannot be written with the reserved tokens: the old table is kept (with a warning)
     and churn is 0 for that refresh.
     """
@@ -352,12 +355,23 @@ def refresh_tower(model, tokenizer, quantizer, texts: list[str], old: pd.DataFra
     # flipped most codes at the first refresh).
     if hasattr(quantizer, "fit_normalisation"):
         quantizer.fit_normalisation(x)
-    codes = quantize_codes(quantizer, x)
     key = old.columns[0]
+    previous = table_codes(old, key)
+    if margin > 0 and hasattr(quantizer, "sticky_codes"):
+        was = quantizer.training
+        quantizer.eval()
+        dev = next(iter(quantizer.buffers())).device
+        codes = quantizer.sticky_codes(torch.as_tensor(x, device=dev), previous, margin).cpu().numpy()
+        quantizer.train(was)
+    else:
+        codes = quantize_codes(quantizer, x)
     table = make_table(lay.tower, old[key].sort_values().to_numpy(), codes)
     if int(table["suffix"].max()) >= lay.max_suffix:
         log.warning("refresh: %s collision set of %d exceeds index.max_suffix=%d; SIDs kept",
                     lay.tower, int(table["suffix"].max()) + 1, lay.max_suffix)
-        return x, old, 0.0
-    return x, table, float(churn(old, table))
+        return x, old, {"churn": 0.0, **{f"churn_level_{m + 1}": 0.0 for m in range(lay.length)}}
+    record = {"churn": float(churn(old, table))}
+    for m in range(lay.length):
+        record[f"churn_level_{m + 1}"] = float((previous[:, :m + 1] != codes[:, :m + 1]).any(1).mean())
+    return x, table, record
 

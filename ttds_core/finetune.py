@@ -7,19 +7,19 @@ Pieces: `tasks` builds and renders the samples, `dynamic` owns the SID rows, DM-
 refresh, `recommender` writes / reads `data/model`. This module is the loop.
 
 Speed on CPU: batches are left-padded and length-bucketed, and logits are computed only
-for the last positions that carry a loss (`logits_to_keep`): with left padding every
-response ends at the last position, and the 49k-row LM head dominates a small backbone.
+at the positions that carry a label (`response_loss`): the 49k-row LM head dominates a
+small backbone.
 
 Learning rates (AdamW): `train.lr` for LoRA, `train.embedding_lr` for the new SID rows
 and the codebook projections (they start from scratch), `train.tokenizer_lr` for the
 RQ-VAE tokenizers of a dynamic index (they start from warmup and must not drift away
 from it at the embedding rate). Linear warm-up (`train.warmup_ratio`) then cosine decay.
 
-Validation (every epoch and at the end) is teacher-forced on `train.val_users` fixed
-validation users: the loss of the validation target's SID and the share of users whose
-whole SID is the arg-max at every position (`val_sid_acc`). Full-ranking beam-search
-metrics are the `evaluate` stage's job. The best state by `val_sid_acc` (then lower loss)
-is what `data/model` receives.
+Validation (every epoch and at the end) runs the evaluation code on `train.val_users`
+fixed validation users: HR@10 / NDCG@10 by trie-constrained beam search over every item
+(`eval.beams`, `eval.scoring`, `eval.mask_history`), plus the teacher-forced loss of their
+targets and the share whose whole SID is the arg-max (`val_sid_acc`). The best state by
+validation NDCG@10 (then HR@10, then lower loss) is what `data/model` receives.
 
 Resume: `data/checkpoints/last` holds everything that changes while training (trainable
 weights, SID tables, cached X, optimizer, scheduler, RNG, position in the data); a rerun
@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import dynamic, tasks
+from .backbone import decoder_of
 from .config import get, seed_everything
 from .errors import TTDSError
 from .io import atomic_dir, load_tensors, read_json, read_npy, read_parquet, save_tensors, write_json, \
@@ -88,6 +89,11 @@ class TrainConfig:
     max_response_tokens: int
     bucket: int
     threads: int | None
+    sid_softmax: str = "vocab"
+    val_beams: int = 20
+    val_scoring: str = "full"
+    val_batch: int = 16
+    val_masked: bool = False
 
     @classmethod
     def from_params(cls, params: dict) -> "TrainConfig":
@@ -119,6 +125,11 @@ class TrainConfig:
             max_response_tokens=get(params, "tasks.max_response_tokens", int, 32, min_value=1),
             bucket=get(params, "train.bucket_batches", int, 32, min_value=1),
             threads=get(params, "train.threads", int, None, min_value=1),
+            sid_softmax=get(params, "loss.sid_softmax", str, "vocab", choices=SID_SOFTMAX),
+            val_beams=get(params, "eval.beams", int, 20, min_value=1),
+            val_scoring=get(params, "eval.scoring", str, "full"),
+            val_batch=get(params, "eval.batch_size", int, 16, min_value=1),
+            val_masked=get(params, "eval.mask_history", bool, False),
         )
 
 
@@ -160,13 +171,69 @@ class IndexState:
 
 # ---------------------------------------------------------------- the trained module
 
+SID_SOFTMAX = ("vocab", "sid")
+
+
+def head_of(lm) -> nn.Module:
+    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    return base.get_output_embeddings()
+
+
+def response_loss(lm, sid: dynamic.SidVocab, eos_id: int, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  labels: torch.Tensor, softmax: str = "vocab") -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean cross-entropy over the response tokens, correct [B, R]) -- labels -100 ignored;
+    `correct` marks response tokens that are the arg-max of their candidates (True elsewhere).
+
+    Logits are computed only where a label is: the LM head is 49k rows and dominates a
+    small backbone, and most of a left-padded batch's last positions are padding.
+    `vocab` (paper eq. 9): every token against the whole vocabulary. `sid`: a response
+    that is a SID (its first token is a SID token) is scored against the SID tokens and
+    EOS only -- the candidates constrained decoding can ever choose (`eval.scoring: sid`)
+    -- so the new rows do not first have to out-score 49k text tokens; text responses
+    (the preference task) keep the whole vocabulary.
+    """
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # as generation computes them
+    hidden = decoder_of(lm)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            use_cache=False).last_hidden_state
+    width, r = input_ids.shape[1], labels.shape[1]
+    hidden = hidden[:, width - r - 1:width - 1]  # the state that predicts each label (right-aligned)
+    valid = labels != -100
+    head = head_of(lm)
+    coded = torch.zeros_like(valid)
+    if softmax == "sid":
+        first_label = labels.gather(1, valid.float().argmax(1, keepdim=True)).squeeze(1)
+        coded = valid & ((first_label >= sid.first_id) & (first_label < sid.last_id)).unsqueeze(1)
+    text = valid & ~coded
+    total = hidden.new_zeros((), dtype=torch.float32)
+    correct = torch.ones_like(valid)
+    if bool(coded.any()):
+        h = hidden[coded]
+        eos_row = head.weight[eos_id:eos_id + 1].detach().to(h.dtype)
+        weight = torch.cat([sid.out_weight().to(h.dtype), eos_row], dim=0)
+        logits = (h @ weight.T).float()
+        target = labels[coded]
+        is_sid = (target >= sid.first_id) & (target < sid.last_id)
+        if not bool((is_sid | (target == eos_id)).all()):
+            raise TTDSError("a SID response holds a token that is neither a SID token nor EOS")
+        target = torch.where(is_sid, target - sid.first_id, torch.full_like(target, sid.n_rows))
+        total = total + F.cross_entropy(logits, target, reduction="sum")
+        correct[coded] = logits.detach().argmax(-1) == target
+    if bool(text.any()):
+        logits = head(hidden[text]).float()
+        target = labels[text]
+        total = total + F.cross_entropy(logits, target, reduction="sum")
+        correct[text] = logits.detach().argmax(-1) == target
+    return total / valid.sum().clamp(min=1), correct
+
+
 class TTDSModule(nn.Module):
     """The peft model (SID rows installed) + all losses in one forward, so DDP sees one
     forward per backward and synchronises every gradient, the DM-VAE ones included."""
 
-    def __init__(self, lm, sid: dynamic.SidVocab, cfg: TrainConfig):
+    def __init__(self, lm, sid: dynamic.SidVocab, cfg: TrainConfig, eos_id: int):
         super().__init__()
         self.lm = lm
+        self.eos_id = eos_id
         self._sid = (sid,)  # registered inside lm (input embedding wrapper)
         self.cfg = cfg
 
@@ -175,14 +242,8 @@ class TTDSModule(nn.Module):
         return self._sid[0]
 
     def forward(self, input_ids, attention_mask, labels, dm: dict | None = None) -> dict:
-        from .backbone import decoder_of
-
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # as generation computes them
-        keep = labels.shape[1] + 1
-        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      logits_to_keep=keep, use_cache=False)
-        logits = out.logits[:, :-1].float()
-        l_llm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        l_llm = response_loss(self.lm, self.sid, self.eos_id, input_ids, attention_mask, labels,
+                              self.cfg.sid_softmax)[0]
         losses = {"llm": l_llm}
         total = l_llm
         if dm:
@@ -375,7 +436,14 @@ def trainable_state(module: TTDSModule) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def validate(module: TTDSModule, tokenizer, val: list, index: IndexState, cfg: TrainConfig, max_history: int,
              device) -> dict:
-    """Teacher-forced loss and whole-SID arg-max accuracy on the validation targets."""
+    """Validation on the fixed users `val`: HR@10 / NDCG@10 of their validation targets by
+    the evaluation code (trie-constrained beam search over every item, `eval.*` settings,
+    masked per `eval.mask_history`), plus the teacher-forced loss and whole-SID arg-max
+    accuracy of those targets."""
+    from .decode import ConstrainedRanker, build_item_trie
+    from .evaluate import Case, PromptBuilder, rank_cases, target_ranks
+    from .metrics import metric_table
+
     if not val:
         return {}
     was_training = module.training
@@ -390,17 +458,28 @@ def validate(module: TTDSModule, tokenizer, val: list, index: IndexState, cfg: T
             pairs.append((seqrec_prompt(hist, user_sid, cfg.template), tables.item[target]))
         batch = {k: v.to(device) for k, v in collate(pairs, tokenizer, cfg.max_response_tokens).items()}
         labels = batch["labels"]
-        pos = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-        out = module.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=pos,
-                        logits_to_keep=labels.shape[1] + 1, use_cache=False)
-        logits = out.logits[:, :-1].float()
-        valid = labels != -100
-        total_loss += float(F.cross_entropy(logits[valid], labels[valid], reduction="sum"))
-        n_tok += int(valid.sum())
-        hit = (logits.argmax(-1) == labels) | ~valid
-        exact += int(hit.all(-1).sum())
+        loss, correct = response_loss(module.lm, module.sid, module.eos_id, batch["input_ids"],
+                                      batch["attention_mask"], labels, cfg.sid_softmax)
+        n = int((labels != -100).sum())
+        total_loss += float(loss) * n
+        n_tok += n
+        exact += int(correct.all(-1).sum())  # whole SID right: every token is the arg-max
+    # Ranking through the evaluation code, on the training model itself: the SID rows are
+    # written into the backbone's (frozen) rows first, which the wrappers shadow anyway,
+    # so a SID-only head built from them (`eval.scoring: sid`) sees the current rows.
+    dynamic.bake(module.lm.get_base_model(), module.sid)
+    item_table = index.tables["item"]
+    user_table = index.tables.get("user")
+    trie = build_item_trie(item_table, tokenizer, "item SID table")
+    ranker = ConstrainedRanker(module.lm, tokenizer, trie, cfg.val_beams, cfg.val_scoring)
+    builder = PromptBuilder(tokenizer, item_table, user_table, cfg.template)
+    cases = [Case(user, "valid", history[-max_history:], history, target) for user, history, target in val]
+    ranked = rank_cases(ranker, builder, cases, cfg.val_batch, modes=(cfg.val_masked,))
+    ranks = target_ranks(cases, ranked)[cfg.val_masked]
+    table = metric_table(ranks, [10])
     module.train(was_training)
-    return {"val_loss": total_loss / max(n_tok, 1), "val_sid_acc": exact / len(val), "val_users": len(val)}
+    return {"val_HR@10": table["HR@10"], "val_NDCG@10": table["NDCG@10"],
+            "val_loss": total_loss / max(n_tok, 1), "val_sid_acc": exact / len(val), "val_users": len(val)}
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -472,9 +551,12 @@ def refresh_index(module: TTDSModule, tokenizer, index: IndexState, texts: dict,
     record = {"step": step}
     for lay in module.sid.layouts:
         x, table, ch = dynamic.refresh_tower(module.lm, tokenizer, module.sid.tokenizers[lay.tower],
-                                             texts[lay.tower], index.tables[lay.tower], lay, embed_kwargs)
+                                             texts[lay.tower], index.tables[lay.tower], lay, embed_kwargs,
+                                             margin=get(params, "index.refresh_margin", float, 0.0,
+                                                        min_value=0.0))
         index.x[lay.tower], index.tables[lay.tower] = x, table
-        record[f"churn_{lay.tower}"] = ch
+        # churn -> churn_item, churn_level_2 -> churn_item_level_2
+        record.update({f"churn_{lay.tower}{k[len('churn'):]}": v for k, v in ch.items()})
     index.churn.append(record)
     return record
 
@@ -514,7 +596,7 @@ def run(params: dict, data_dir: str | Path = "data", metrics_dir: str | Path = "
     tokenizers = load_tokenizers(data_dir, cfg.towers, x, cfg, get(params, "index.length", int),
                                  get(params, "index.codebook_size", int))
     lm, tokenizer, sid = build_model(params, cfg, index, texts, tokenizers, data_dir / "backbone", device)
-    module = TTDSModule(lm, sid, cfg).to(device)
+    module = TTDSModule(lm, sid, cfg, tokenizer.eos_token_id).to(device)
     module.train()
     optimizer = make_optimizer(module, cfg)
 
@@ -609,9 +691,9 @@ def run(params: dict, data_dir: str | Path = "data", metrics_dir: str | Path = "
         if main and metrics:
             print(f"finetune: epoch {epoch} step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
                   file=sys.stderr)
-            for k in ("val_loss", "val_sid_acc"):
+            for k in ("val_HR@10", "val_NDCG@10", "val_loss", "val_sid_acc"):
                 live.log_metric(f"val/{k}", metrics[k], plot=False)
-        score = (metrics.get("val_sid_acc", 0.0), -metrics.get("val_loss", 0.0))
+        score = (metrics.get("val_NDCG@10", 0.0), metrics.get("val_HR@10", 0.0), -metrics.get("val_loss", 0.0))
         if best is None or score >= tuple(best["score"]):
             best = {"score": list(score), "step": step, **metrics}
             best_state = (trainable_state(inner), {t: tb.copy() for t, tb in index.tables.items()})

@@ -1,9 +1,14 @@
-"""`ttds grid`: queue every variant of `ttds_core.variants` as a named DVC experiment and run them.
+"""`ttds grid`: run the variants of `ttds_core.variants` as named DVC experiments.
 
-`dvc exp run --queue` runs each experiment from a copy of the last git commit plus the
-workspace's changes to tracked files; untracked files are NOT carried over, so the
-grid refuses to start without a commit and warns about untracked files. Results are
-compared with `dvc exp show` / `dvc metrics diff` and rendered by `ttds report`.
+Default: one after the other in the workspace (`dvc exp run --name … -S …`), with
+`params.yaml` reset to the committed baseline before each, and the baseline's params,
+lock, metrics and outputs restored at the end (`git checkout`, `dvc checkout`). This
+works whatever `data.root` is: queued or `--temp` experiments run in a copy of the
+repository under `.dvc/tmp/exps`, where a data path relative to the repository (the
+default `../shared/data/...`) no longer resolves. `--queue` queues them instead
+(`dvc exp run --queue`, then `--run-all`) for data inside the repository or at an
+absolute path; queued runs start from the last commit plus changes to tracked files.
+Compare with `dvc exp show` / `dvc metrics diff`, render with `ttds report`.
 """
 
 from __future__ import annotations
@@ -15,18 +20,22 @@ import sys
 from .errors import TTDSError
 from .variants import VARIANTS, dvc_exp_command
 
+# What a workspace run changes and the end of the grid puts back (tracked by git).
+BASELINE_FILES = ("params.yaml", "dvc.lock", "metrics")
 
-def grid_commands(names: list[str] | None = None, force: bool = False) -> list[str]:
-    """The queue commands (one per variant, in table order) then the command that runs them."""
+
+def grid_commands(names: list[str] | None = None, force: bool = False, queue: bool = False) -> list[str]:
+    """The `dvc exp run` command of each variant (table order); with `queue`, the queue
+    commands followed by the command that runs the queue."""
     names = list(VARIANTS) if not names else names
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise TTDSError(f"--variant {unknown[0]!r}: unknown, expected one of {', '.join(VARIANTS)}")
-    queue = []
+    commands = []
     for name in names:
-        cmd = dvc_exp_command(name, queue=True)
-        queue.append(cmd.replace("dvc exp run ", "dvc exp run --force ", 1) if force else cmd)
-    return queue + ["dvc exp run --run-all"]
+        cmd = dvc_exp_command(name, queue=queue)
+        commands.append(cmd.replace("dvc exp run ", "dvc exp run --force ", 1) if force else cmd)
+    return commands + (["dvc exp run --run-all"] if queue else [])
 
 
 def compare_commands() -> list[str]:
@@ -38,24 +47,45 @@ def _git(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["git", *args], capture_output=True, text=True)
 
 
-def check_repository() -> None:
-    """Queued experiments start from HEAD: there must be one; untracked files are left behind."""
+def check_repository(queue: bool) -> None:
+    """Experiments need a commit; a workspace grid also needs the baseline files committed
+    (it resets them between variants); queued ones leave untracked files behind."""
     if _git("rev-parse", "--verify", "HEAD").returncode != 0:
-        raise TTDSError("git: no commit yet; `dvc exp run --queue` runs from HEAD, commit the project first")
+        raise TTDSError("git: no commit yet; DVC experiments start from HEAD, commit the project first")
+    if not queue:
+        dirty = _git("status", "--porcelain", "--untracked-files=no", "--", *BASELINE_FILES).stdout.strip()
+        if dirty:
+            raise TTDSError(f"git: uncommitted changes in {dirty.splitlines()[0][3:]}; the grid resets "
+                            f"{', '.join(BASELINE_FILES)} between variants, commit them first")
+        return
     untracked = [p for p in _git("ls-files", "--others", "--exclude-standard").stdout.splitlines() if p]
     if untracked:
         print(f"warning: {len(untracked)} untracked file(s) will not reach the queued experiments "
               f"(e.g. {untracked[0]}); `git add` them first", file=sys.stderr)
 
 
-def grid_cli(names: list[str] | None = None, dry_run: bool = False, force: bool = False) -> None:
-    commands = grid_commands(names, force=force)
+def _run(cmd: str) -> None:
+    print(f"$ {cmd}", flush=True)
+    if subprocess.run(shlex.split(cmd)).returncode != 0:
+        raise TTDSError(f"`{cmd}` failed (see the message above)")
+
+
+def grid_cli(names: list[str] | None = None, dry_run: bool = False, force: bool = False,
+             queue: bool = False) -> None:
+    commands = grid_commands(names, force=force, queue=queue)
     if dry_run:
         print("\n".join(commands + ["# then compare:"] + [f"#   {c}" for c in compare_commands()]))
         return
-    check_repository()
-    for cmd in commands:
-        print(f"$ {cmd}", flush=True)
-        if subprocess.run(shlex.split(cmd)).returncode != 0:
-            raise TTDSError(f"`{cmd}` failed (see DVC's message above)")
+    check_repository(queue)
+    if queue:
+        for cmd in commands:
+            _run(cmd)
+    else:
+        try:
+            for cmd in commands:
+                _run("git checkout -- params.yaml")  # every variant starts from the baseline
+                _run(cmd)
+        finally:
+            _run("git checkout -- " + " ".join(BASELINE_FILES))
+            _run("dvc checkout --force")  # the baseline's outputs, from the DVC cache
     print("grid done; compare with:\n  " + "\n  ".join(compare_commands()))

@@ -170,6 +170,36 @@ class RQVAE(_Standardise):
         return torch.cat(chunks) if chunks else torch.zeros((0, self.length), dtype=torch.long)
 
     @torch.no_grad()
+    def sticky_codes(self, x, previous, margin: float) -> torch.Tensor:
+        """Codes [B, M] that keep each row's `previous` code at a level unless the nearest
+        code is closer by more than the relative `margin` (hysteresis, index.refresh_margin).
+
+        Level by level: with d(.) the squared distance of the residual to a code, the new
+        code replaces the old one only when d(new) < (1 - margin) * d(old); the next
+        level's residual follows the code kept. margin 0 is plain nearest-code
+        quantisation. Deep levels of a residual quantiser encode fine, easily perturbed
+        detail; without hysteresis a small move of the backbone re-labels most SIDs
+        although the coarse codes barely move (README, "Dynamic index").
+        """
+        if not 0.0 <= margin < 1.0:
+            raise TTDSError(f"params: 'index.refresh_margin' = {margin!r}, expected 0 <= margin < 1")
+        x = _as_tensor(x, self.input_mean)
+        previous = torch.as_tensor(np.asarray(previous), dtype=torch.long, device=x.device)
+        if previous.shape != (len(x), self.length):
+            raise TTDSError(f"previous codes of shape {tuple(previous.shape)}, expected ({len(x)}, {self.length})")
+        residual, out = self.encode(x), []
+        for m in range(self.length):
+            book = self.codebooks[m]
+            dist = residual.pow(2).sum(1, keepdim=True) - 2 * residual @ book.T + book.pow(2).sum(1)[None]
+            new = dist.argmin(1)
+            old = previous[:, m]
+            keep = dist.gather(1, new[:, None]).squeeze(1) >= (1.0 - margin) * dist.gather(1, old[:, None]).squeeze(1)
+            pick = torch.where(keep, old, new)
+            out.append(pick)
+            residual = residual - book[pick]
+        return torch.stack(out, 1)
+
+    @torch.no_grad()
     def _residuals(self, x: torch.Tensor, batch_size: int = 4096):
         """Residual r_m of every row at every level, and its code: lists of M tensors."""
         z = torch.cat([self.encode(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])

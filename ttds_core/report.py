@@ -29,7 +29,8 @@ from .metrics import metric_table
 from .variants import VARIANTS
 
 METRICS = ("HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10")
-BASELINE_LABELS = {"mostpop": "MostPop", "gru4rec": "GRU4Rec", "bert4rec": "BERT4Rec", "sasrec": "SASRec"}
+BASELINE_LABELS = {"mostpop": "MostPop", "gru4rec": "GRU4Rec", "bert4rec": "BERT4Rec", "fmlprec": "FMLP-Rec",
+                   "sasrec": "SASRec"}
 TABLE2 = ("TTDS", "STDS", "TTSS", "TTDS-DM", "STDS-DM", "TTDS-HO")
 TABLE3 = ("TTDS", "TTDS-3", "TTDS-5", "TTSS", "TT-DLSH", "TT-SLSH", "TT-SR")
 

@@ -20,6 +20,8 @@ VARIANTS: dict[str, dict] = {
     "TT-DLSH": {"index.kind": "lsh"},
     "TT-SLSH": {"index.kind": "lsh", "index.dynamic": False},
     "TT-SR": {"index.kind": "random", "index.dynamic": False},
+    # ours, not the paper's: refresh without hysteresis (plain nearest-code re-derivation)
+    "TTDS-M0": {"index.refresh_margin": 0.0},
 }
 
 
