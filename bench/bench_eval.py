@@ -27,6 +27,7 @@ from ttds_core.config import get, load_params, seed_everything
 from ttds_core.decode import ConstrainedRanker, build_item_trie
 from ttds_core.evaluate import PromptBuilder, eval_cases, rank_cases, select_users
 from ttds_core.io import read_parquet, write_json
+from ttds_core.prompts import seqrec_packed
 
 
 def synthetic_recommender(params: dict, processed_dir: Path, seed: int):
@@ -93,7 +94,8 @@ def main(argv=None) -> dict:
     trie = build_item_trie(rec.item_sids, rec.tokenizer)
     scoring = args.scoring or get(params, "eval.scoring", str)
     ranker = ConstrainedRanker(rec.model, rec.tokenizer, trie, beams, scoring)
-    build = PromptBuilder(rec.tokenizer, rec.item_sids, rec.user_sids, get(params, "train.template", int))
+    build = PromptBuilder(rec.tokenizer, rec.item_sids, rec.user_sids, get(params, "train.template", int),
+                          seqrec_packed(params))
     prompts = [build(c.user_id, c.history) for c in cases]
 
     # 1. the evaluate loop as the stage runs it: both masking modes per prefill

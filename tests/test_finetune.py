@@ -67,7 +67,7 @@ def test_memorises_next_item_sids_static_index(project, softmax):
                            "train.epochs": 400, "train.max_steps": 250, "train.batch_size": 16,
                            "train.lr": 1.0e-2, "train.embedding_lr": 3.0e-2, "train.max_grad_norm": 0.0,
                            "lora.r": 8, "lora.alpha": 16, "train.val_users": 0, "train.checkpoint_every": 1000,
-                           "loss.sid_softmax": softmax})
+                           "loss.sid_softmax": softmax, "tasks.seqrec_format": "prefix"})
     out = finetune.run(params)
     hist = out["history"]
     start, end = np.mean([h["loss_llm"] for h in hist[:3]]), np.mean([h["loss_llm"] for h in hist[-3:]])
@@ -91,8 +91,9 @@ def test_memorises_next_item_sids_static_index(project, softmax):
     assert metrics["steps"] == 250 and metrics["tokens_per_second"] > 0 and metrics["peak_rss_mb"] > 0
 
 
-@pytest.mark.parametrize("softmax,scoring", [("vocab", "full"), ("sid", "sid")])
-def test_saved_recommender_reproduces_the_training_model(project, softmax, scoring):
+@pytest.mark.parametrize("softmax,scoring,fmt", [("vocab", "full", "prefix"), ("sid", "sid", "prefix"),
+                                                ("sid", "sid", "packed")])
+def test_saved_recommender_reproduces_the_training_model(project, softmax, scoring, fmt):
     """The validation measured inside training (SID rows in wrappers, LoRA unmerged) equals
     what `load_recommender`'s plain merged model gives on the same users: the teacher-
     forced loss, and HR@10 / NDCG@10 of the constrained beam search."""
@@ -101,7 +102,9 @@ def test_saved_recommender_reproduces_the_training_model(project, softmax, scori
     from ttds_core.metrics import metric_table
     from ttds_core.tasks import validation_samples
 
-    params = _dynamic_params(**{"train.val_users": 8, "loss.sid_softmax": softmax, "eval.scoring": scoring})
+    params = _dynamic_params(**{"train.val_users": 8, "loss.sid_softmax": softmax, "eval.scoring": scoring,
+                                "tasks.seqrec_format": fmt})
+    packed = fmt == "packed"
     finetune.run(params)
     best = json.loads(Path("metrics/finetune.json").read_text())["best"]
     rec = load_recommender(params, device="cpu")
@@ -113,7 +116,7 @@ def test_saved_recommender_reproduces_the_training_model(project, softmax, scori
     total, n = 0.0, 0
     with torch.no_grad():
         for u, history, target in val:
-            prompt = seqrec_prompt([items[i] for i in history[-4:]], users[u], 0)
+            prompt = seqrec_prompt([items[i] for i in history[-4:]], users[u], 0, packed, rec.tokenizer.eos_token)
             p, r = encode_prompt(rec.tokenizer, prompt), encode_response(rec.tokenizer, items[target])
             logits = rec.model(input_ids=torch.tensor([p + r])).logits[0, len(p) - 1:-1]
             target_ids = torch.tensor(r)
@@ -124,7 +127,7 @@ def test_saved_recommender_reproduces_the_training_model(project, softmax, scori
     assert abs(total / n - best["val_loss"]) < 1e-3
     trie = build_item_trie(rec.item_sids, rec.tokenizer)
     ranker = ConstrainedRanker(rec.model, rec.tokenizer, trie, params["eval"]["beams"], scoring)
-    builder = PromptBuilder(rec.tokenizer, rec.item_sids, rec.user_sids, 0)
+    builder = PromptBuilder(rec.tokenizer, rec.item_sids, rec.user_sids, 0, packed)
     cases = [Case(u, "valid", h[-4:], h, t) for u, h, t in val]
     ranks = target_ranks(cases, rank_cases(ranker, builder, cases, 4, modes=(False,)))[False]
     expected = metric_table(ranks, [10])

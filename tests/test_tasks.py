@@ -49,6 +49,46 @@ def test_seqrec_one_sample_per_training_prefix():
     assert "<ua_0><ub_1>" in prompt
 
 
+@pytest.mark.parametrize("length,max_history", [(1, 20), (2, 20), (21, 20), (22, 20), (60, 20), (9, 2), (30, 1)])
+def test_packed_windows_train_every_prefix_target_once(length, max_history):
+    """Every target of the prefix format (item k >= 1) is a label in exactly one window;
+    in the first window behind exactly the prefix history, later behind at least
+    max_history - S + 1 and at most max_history items."""
+    seen = []
+    stride = (max_history + 1) // 2
+    for e in tasks.window_ends(length, max_history):
+        start = tasks.window_start(e, max_history)
+        for k in tasks.window_targets(e, max_history):
+            assert start < k < e
+            if k <= max_history:
+                assert k - start == k
+            else:
+                assert max_history - stride + 1 <= k - start <= max_history
+            seen.append(k)
+    assert sorted(seen) == list(range(1, length))
+
+
+def test_packed_seqrec_row_is_the_items_in_order_closed_by_eos():
+    seqs = pd.DataFrame({"user_id": [0, 1], "items": [[1, 2, 3, 4, 5, 6], [3, 1, 4, 2, 0]]})
+    items = pd.DataFrame({"item_id": range(7), "title": [f"t{i}" for i in range(7)]})
+    data = tasks.build_task_data(seqs, items, None, max_history=2, max_next_user=1, seqrec_format="packed")
+    samples = tasks.build_samples(data, {"seqrec": 1.0}, seed=0)
+    # user 0 trains on [1 2 3 4]: the first 3 items [1 2 3] (targets 2, 3), then [2 3 | 4];
+    # user 1 on [3 1 4]: one window
+    assert [(s.key, s.pos) for s in samples] == [(0, 3), (0, 4), (1, 3)]
+    prompt, response = tasks.render(samples[0], data, _sids(), 0, eos="<E>")
+    assert prompt.endswith(":\n<a_1><b_0><E>") and "<ua_0><ub_1>" in prompt
+    assert response == "<a_2><b_0><E><a_3><b_0>"  # the collator closes the last SID with EOS
+    prompt, response = tasks.render(samples[1], data, _sids(), 0, eos="<E>")
+    assert prompt.endswith(":\n<a_2><b_0><E><a_3><b_0><E>") and response == "<a_4><b_0>"
+    # evaluation asks for the continuation of the same kind of prompt
+    from ttds_core.prompts import seqrec_prompt
+    assert seqrec_prompt(["<a_3><b_0>", "<a_4><b_0>"], "<ua_0><ub_1>", 0, True, "<E>").endswith(
+        "<a_3><b_0><E><a_4><b_0><E>")
+    with pytest.raises(TTDSError, match="tasks.seqrec_format"):
+        tasks.build_task_data(seqs, items, None, 2, 1, seqrec_format="stacked")
+
+
 def test_validation_and_test_items_never_reach_training():
     data = _data()
     held_out = {0: {5, 6}, 1: {2, 0}}  # each user's validation and test items

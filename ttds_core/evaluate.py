@@ -32,7 +32,7 @@ from .decode import SCORINGS, ConstrainedRanker, build_item_trie
 from .errors import TTDSError
 from .io import atomic_dir, read_parquet, write_json, write_parquet
 from .metrics import metric_table, rank_of
-from .prompts import seqrec_prompt
+from .prompts import seqrec_packed, seqrec_prompt
 from .vocab import encode_prompt
 
 SPLITS = ("valid", "test")
@@ -61,6 +61,7 @@ class EvalSettings:
     max_history: int
     template: int
     seed: int
+    packed: bool = False      # tasks.seqrec_format: packed (the prompt format training used)
 
 
 def eval_settings(params: dict) -> EvalSettings:
@@ -76,7 +77,8 @@ def eval_settings(params: dict) -> EvalSettings:
         mask_history=get(params, "eval.mask_history", bool),
         max_users=get(params, "eval.max_users", int, allow_none=True, min_value=1),
         max_history=get(params, "data.max_history", int, min_value=1),
-        template=get(params, "train.template", int, min_value=0), seed=get(params, "seed", int))
+        template=get(params, "train.template", int, min_value=0), seed=get(params, "seed", int),
+        packed=seqrec_packed(params))
 
 
 def select_users(sequences: pd.DataFrame, max_users: int | None, seed: int,
@@ -109,8 +111,9 @@ def eval_cases(sequences: pd.DataFrame, split: str, max_history: int) -> list[Ca
 class PromptBuilder:
     """Token ids of the seqrec prompt for a user and a history, as training built them."""
 
-    def __init__(self, tokenizer, item_sids: pd.DataFrame, user_sids: pd.DataFrame | None, template: int):
-        self.tokenizer, self.template = tokenizer, template
+    def __init__(self, tokenizer, item_sids: pd.DataFrame, user_sids: pd.DataFrame | None, template: int,
+                 packed: bool = False):
+        self.tokenizer, self.template, self.packed = tokenizer, template, packed
         self.item_sid = dict(zip(item_sids["item_id"].astype(int), item_sids["sid"].astype(str)))
         self.user_sid = (dict(zip(user_sids["user_id"].astype(int), user_sids["sid"].astype(str)))
                          if user_sids is not None and len(user_sids) else None)
@@ -124,7 +127,8 @@ class PromptBuilder:
             user = self.user_sid.get(user_id)
             if user is None:
                 raise TTDSError(f"user {user_id} has no SID in the model's user table")
-        text = seqrec_prompt([self.item_sid[i] for i in history], user, template=self.template)
+        text = seqrec_prompt([self.item_sid[i] for i in history], user, self.template, self.packed,
+                             self.tokenizer.eos_token)
         return encode_prompt(self.tokenizer, text)
 
 
@@ -208,7 +212,7 @@ def evaluate(rec, sequences: pd.DataFrame, cfg: EvalSettings, progress: bool = F
         raise TTDSError(f"sequences.parquet: item {unknown} has no SID in the model's item table "
                         "(data/processed and data/model are from different runs?)")
     ranker = ConstrainedRanker(rec.model, rec.tokenizer, trie, cfg.beams, cfg.scoring)
-    builder = PromptBuilder(rec.tokenizer, rec.item_sids, rec.user_sids, cfg.template)
+    builder = PromptBuilder(rec.tokenizer, rec.item_sids, rec.user_sids, cfg.template, cfg.packed)
     cases = [c for split in SPLITS for c in eval_cases(users, split, cfg.max_history)]
     ranked = rank_cases(ranker, builder, cases, cfg.batch_size, progress="evaluate" if progress else None)
     ranks = rank_table(cases, target_ranks(cases, ranked))

@@ -52,7 +52,7 @@ from .config import get, seed_everything
 from .errors import TTDSError
 from .io import atomic_dir, load_tensors, read_json, read_npy, read_parquet, save_tensors, write_json, \
     write_npy, write_parquet
-from .prompts import seqrec_prompt
+from .prompts import seqrec_packed, seqrec_prompt
 from .vocab import encode_prompt, encode_response, extend_vocabulary
 
 
@@ -94,6 +94,8 @@ class TrainConfig:
     val_scoring: str = "full"
     val_batch: int = 16
     val_masked: bool = False
+    packed: bool = False
+    max_minutes: float | None = None
 
     @classmethod
     def from_params(cls, params: dict) -> "TrainConfig":
@@ -130,12 +132,14 @@ class TrainConfig:
             val_scoring=get(params, "eval.scoring", str, "full"),
             val_batch=get(params, "eval.batch_size", int, 16, min_value=1),
             val_masked=get(params, "eval.mask_history", bool, False),
+            packed=seqrec_packed(params),
+            max_minutes=get(params, "train.max_minutes", float, None, min_value=0.0),
         )
 
 
 # Params that change what training computes; a checkpoint made under others is not resumed.
 RESUME_KEYS = ("seed", "model", "index", "tower", "tasks", "loss", "init", "lora", "train", "data.max_history")
-NOT_RESUME_KEYS = ("train.checkpoint_every", "train.threads")
+NOT_RESUME_KEYS = ("train.checkpoint_every", "train.threads", "train.max_minutes")
 
 
 def params_hash(params: dict) -> str:
@@ -284,12 +288,17 @@ def epoch_batches(samples: list[tasks.Sample], data: tasks.TaskData, cfg: TrainC
             for b in mine]
 
 
-def collate(pairs: list[tuple[str, str]], tokenizer, max_response_tokens: int) -> dict:
-    """Left-padded prompt+response ids; labels [B, R] aligned to the end (response + EOS)."""
+def collate(pairs: list[tuple[str, str]], tokenizer, max_response_tokens: int, first_sid_id: int | None = None
+            ) -> dict:
+    """Left-padded prompt+response ids; labels [B, R] aligned to the end (response + EOS).
+
+    Text responses are cut to `max_response_tokens`; SID responses (first token >=
+    `first_sid_id`, e.g. a whole packed seqrec row) are never cut."""
     rows, responses = [], []
     for prompt, response in pairs:
         resp = encode_response(tokenizer, response)
-        if len(resp) > max_response_tokens + 1:
+        is_sid = first_sid_id is not None and resp[0] >= first_sid_id
+        if len(resp) > max_response_tokens + 1 and not is_sid:
             resp = resp[:max_response_tokens] + [tokenizer.eos_token_id]
         rows.append(encode_prompt(tokenizer, prompt) + resp)
         responses.append(resp)
@@ -455,7 +464,8 @@ def validate(module: TTDSModule, tokenizer, val: list, index: IndexState, cfg: T
         for user, history, target in val[s:s + cfg.batch_size]:
             hist = [tables.item[i] for i in history[-max_history:]]
             user_sid = tables.user[user] if tables.user is not None else None
-            pairs.append((seqrec_prompt(hist, user_sid, cfg.template), tables.item[target]))
+            pairs.append((seqrec_prompt(hist, user_sid, cfg.template, cfg.packed, tokenizer.eos_token),
+                          tables.item[target]))
         batch = {k: v.to(device) for k, v in collate(pairs, tokenizer, cfg.max_response_tokens).items()}
         labels = batch["labels"]
         loss, correct = response_loss(module.lm, module.sid, module.eos_id, batch["input_ids"],
@@ -472,7 +482,7 @@ def validate(module: TTDSModule, tokenizer, val: list, index: IndexState, cfg: T
     user_table = index.tables.get("user")
     trie = build_item_trie(item_table, tokenizer, "item SID table")
     ranker = ConstrainedRanker(module.lm, tokenizer, trie, cfg.val_beams, cfg.val_scoring)
-    builder = PromptBuilder(tokenizer, item_table, user_table, cfg.template)
+    builder = PromptBuilder(tokenizer, item_table, user_table, cfg.template, cfg.packed)
     cases = [Case(user, "valid", history[-max_history:], history, target) for user, history, target in val]
     ranked = rank_cases(ranker, builder, cases, cfg.val_batch, modes=(cfg.val_masked,))
     ranks = target_ranks(cases, ranked)[cfg.val_masked]
@@ -589,7 +599,8 @@ def run(params: dict, data_dir: str | Path = "data", metrics_dir: str | Path = "
     weights = tasks.enabled_tasks(get(params, "tasks.weights", dict),
                                   get(params, "tasks.high_order", bool), "user" in cfg.towers)
     data = tasks.build_task_data(sequences, items, interactions, max_history,
-                                 get(params, "tasks.max_next_user", int, min_value=1))
+                                 get(params, "tasks.max_next_user", int, min_value=1),
+                                 "packed" if cfg.packed else "prefix")
     samples = tasks.build_samples(data, weights, cfg.seed)
     val = tasks.validation_samples(sequences, cfg.val_users, cfg.seed)
 
@@ -631,6 +642,17 @@ def run(params: dict, data_dir: str | Path = "data", metrics_dir: str | Path = "
     from tqdm.auto import tqdm
     bar = tqdm(total=total_steps, initial=step, desc="finetune", disable=not main, unit="step")
     done = step >= total_steps
+    timed_out = False
+    skipped: list[int] = []  # steps whose update was skipped for a non-finite gradient
+
+    def out_of_time() -> bool:
+        """`train.max_minutes` spent (every process decides alike: the slowest clock wins)."""
+        nonlocal timed_out
+        if cfg.max_minutes is None:
+            return False
+        late = torch.tensor([float(time.time() - t0 > 60.0 * cfg.max_minutes)], device=device)
+        timed_out = bool(accelerator.reduce(late, "max").item() > 0)
+        return timed_out
     for epoch in range(epoch0, cfg.epochs):
         if done:
             break
@@ -640,16 +662,28 @@ def run(params: dict, data_dir: str | Path = "data", metrics_dir: str | Path = "
         for b in range(start, usable):
             idx, tmpl = batches[b]
             tables_now = index.sid_tables()
-            pairs = [tasks.render(samples[j], data, tables_now, t) for j, t in zip(idx, tmpl)]
-            batch = {k: v.to(device) for k, v in collate(pairs, tokenizer, cfg.max_response_tokens).items()}
+            pairs = [tasks.render(samples[j], data, tables_now, t, tokenizer.eos_token) for j, t in zip(idx, tmpl)]
+            batch = {k: v.to(device) for k, v in
+                     collate(pairs, tokenizer, cfg.max_response_tokens, inner.sid.first_id).items()}
             dm = dm_batch(index, tokenizer, cfg, step, b, device) if cfg.dm_vae else None
             t_step = time.time()
             with accelerator.accumulate(module):
                 losses = module(**batch, dm=dm)
                 accelerator.backward(losses["total"])
-                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
-                optimizer.step()
+                finite = True
+                if accelerator.sync_gradients:
+                    norm = accelerator.clip_grad_norm_(module.parameters(),
+                                                       cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+                    finite = bool(torch.isfinite(norm))
+                if finite:
+                    optimizer.step()
+                else:  # one inf/NaN gradient would poison every weight through the clipping
+                    skipped.append(step + 1)
+                    if main:
+                        bad = [n for n, p in inner.named_parameters()
+                               if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+                        print(f"finetune: step {step + 1}: non-finite gradient in {len(bad)} tensors "
+                              f"({', '.join(bad[:4])}); update skipped", file=sys.stderr)
                 optimizer.zero_grad()
             t_compute += time.time() - t_step
             tokens_seen += int(batch["attention_mask"].sum())
@@ -677,7 +711,7 @@ def run(params: dict, data_dir: str | Path = "data", metrics_dir: str | Path = "
                     for k, v in rec.items():
                         if k != "step":
                             live.log_metric(f"index/{k}", v, plot=False)
-            done = step >= total_steps
+            done = step >= total_steps or out_of_time()
             if step % cfg.checkpoint_every == 0 and not done:
                 if main:
                     save_checkpoint(ckpt, inner, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
@@ -719,6 +753,7 @@ def run(params: dict, data_dir: str | Path = "data", metrics_dir: str | Path = "
             "tokens_per_second": round(tokens_seen * world / max(t_compute, 1e-9), 1),
             "peak_rss_mb": round(peak_mb, 1), "churn": index.churn, "best": best,
             "resumed_from_step": progress["step"] if progress else None,
+            "stopped_by_max_minutes": timed_out, "planned_steps": total_steps, "skipped_steps": skipped,
         }
         write_json(metrics_dir / "finetune.json", summary)
         live.end()

@@ -50,6 +50,13 @@ def save_recommender(model_dir: str | Path, module, tokenizer, tables: dict[str,
     sid = module.sid
     with atomic_dir(model_dir) as tmp:
         module.lm.save_pretrained(tmp / "adapter", save_embedding_layers=False)
+        # peft writes target_modules in set order, which follows Python's hash seed: sort it
+        # so identical weights give an identical folder (and DVC hash).
+        config = tmp / "adapter" / "adapter_config.json"
+        meta = json.loads(config.read_text())
+        if isinstance(meta.get("target_modules"), list):
+            meta["target_modules"] = sorted(meta["target_modules"])
+        config.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         with torch.no_grad():
             save_tensors(tmp / "sid_rows.safetensors", {"input": sid.in_weight(), "output": sid.out_weight()},
                          metadata={"first_id": sid.first_id, "n_rows": sid.n_rows})
@@ -69,6 +76,7 @@ def save_recommender(model_dir: str | Path, module, tokenizer, tables: dict[str,
             "layouts": [vars(lay) for lay in sid.layouts], "tied_head": sid.out_rows is None,
             "tie_embeddings": bool(len(sid.proj)), "vocab_size": len(tokenizer),
             "template": get(params, "train.template", int, 0),
+            "seqrec_format": get(params, "tasks.seqrec_format", str, "prefix"),
             "max_history": get(params, "data.max_history", int)})
 
 

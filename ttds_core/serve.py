@@ -25,6 +25,7 @@ import pandas as pd
 from .config import get
 from .errors import TTDSError
 from .io import atomic_dir, read_json, read_parquet, write_json, write_parquet
+from .prompts import seqrec_packed
 
 # decode / evaluate / recommender import torch and transformers: they are imported inside
 # the functions that run the model, so a cache hit answers without loading either.
@@ -44,7 +45,8 @@ def serve_settings(params: dict) -> dict:
             "mask_history": get(params, "serve.mask_history", bool),
             "max_users": get(params, "serve.max_users", int, allow_none=True, min_value=1),
             "max_history": get(params, "data.max_history", int, min_value=1),
-            "template": get(params, "train.template", int, min_value=0)}
+            "template": get(params, "train.template", int, min_value=0),
+            "packed": seqrec_packed(params)}
 
 
 def _hash_files(h, root: Path, pattern: str = "**/*") -> None:
@@ -98,7 +100,7 @@ def rank_users(params: dict, cases, model_dir=MODEL_DIR, backbone_dir=BACKBONE_D
         rec = load_recommender(params, model_dir=model_dir, backbone_dir=backbone_dir)
     trie = build_item_trie(rec.item_sids, rec.tokenizer, "model item SID table")
     ranker = ConstrainedRanker(rec.model, rec.tokenizer, trie, cfg["beams"], cfg["scoring"])
-    builder = PromptBuilder(rec.tokenizer, rec.item_sids, rec.user_sids, cfg["template"])
+    builder = PromptBuilder(rec.tokenizer, rec.item_sids, rec.user_sids, cfg["template"], cfg["packed"])
     mode = cfg["mask_history"]
     ranked = rank_cases(ranker, builder, cases, cfg["batch_size"], modes=(mode,), progress=progress)[mode]
     return [r[:cfg["topk"]] for r in ranked]

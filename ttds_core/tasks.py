@@ -8,6 +8,14 @@ without rebuilding the sample list.
 - `seqrec` (key = user, pos = index of the target in the user's training sequence):
   the last `max_history` training items before the target -> the target item's SID.
   One sample per prefix of each training sequence (`items[:-2]`).
+  With `tasks.seqrec_format: packed` (see `prompts`) a sample is a window of consecutive
+  training items ending at pos (exclusive): the user's first `max_history + 1` items,
+  whose items 2.. are all targets, then, for longer sequences, windows of
+  `max_history + 1` items whose last S = ceil(max_history / 2) items are the targets.
+  Every target of the `prefix` format is trained exactly once; in the first window with
+  exactly its `prefix` history, later with the last max_history - S + 1 .. max_history
+  items (the `prefix` format shows max_history), so a long sequence costs one window per
+  S targets instead of one full prompt per target.
 - `next_user` (key = item, pos = index of the target user in the item's user list):
   the item's SID and the users before it (at most `max_next_user`) -> the next user's SID.
   Users are ordered by the time of their interaction with the item; without timestamps
@@ -16,7 +24,8 @@ without rebuilding the sample list.
 - `preference` (key = user, pos as in seqrec): the history -> the user's review (or
   summary) of the next training item when there is one, else that item's title.
 
-Mixture size (`tasks.weights`): `seqrec` keeps round(w * N) of its N samples (1.0 = all);
+Mixture size (`tasks.weights`): `seqrec` keeps round(w * N) of its N samples (1.0 = all;
+packed: N counts windows, not targets);
 every other task draws round(w * N) samples (relative to the same seqrec count N) from its
 own pool, without replacement and capped at the pool size. All draws are seeded.
 Only `split == 'train'` interactions are ever read here: validation/test items and their
@@ -53,6 +62,7 @@ class TaskData:
     titles: dict[int, str]                    # item -> title
     max_history: int
     max_next_user: int
+    packed: bool = False                      # tasks.seqrec_format == "packed"
 
 
 def train_sequences(sequences: pd.DataFrame) -> dict[int, list[int]]:
@@ -100,15 +110,46 @@ def train_reviews(interactions: pd.DataFrame | None) -> dict[tuple[int, int], st
 
 
 def build_task_data(sequences: pd.DataFrame, items: pd.DataFrame, interactions: pd.DataFrame | None,
-                    max_history: int, max_next_user: int) -> TaskData:
+                    max_history: int, max_next_user: int, seqrec_format: str = "prefix") -> TaskData:
+    if seqrec_format not in prompts.SEQREC_FORMATS:
+        raise TTDSError(f"params: 'tasks.seqrec_format' = {seqrec_format!r}, expected one of "
+                        f"{', '.join(prompts.SEQREC_FORMATS)}")
     seqs = train_sequences(sequences)
     return TaskData(train_seqs=seqs, item_users=item_user_lists(seqs, interactions),
                     reviews=train_reviews(interactions),
                     titles={int(i): clean_text(t) for i, t in zip(items["item_id"], items["title"])},
-                    max_history=max_history, max_next_user=max_next_user)
+                    max_history=max_history, max_next_user=max_next_user, packed=seqrec_format == "packed")
+
+
+def _stride(max_history: int) -> int:
+    return max(1, (max_history + 1) // 2)
+
+
+def window_ends(length: int, max_history: int) -> list[int]:
+    """Ends (exclusive) of the packed windows of a sequence of `length` items, in order:
+    the first max_history + 1 items, then windows ending every S items back from the end."""
+    if length < 2:
+        return []
+    first = min(length, max_history + 1)
+    return [first] + list(range(length, first, -_stride(max_history)))[::-1]
+
+
+def window_start(end: int, max_history: int) -> int:
+    return max(0, end - max_history - 1)
+
+
+def window_targets(end: int, max_history: int) -> range:
+    """Positions a window labels: all but its first item in the first window (end <=
+    max_history + 1), else its last S items (never reaching into the first window)."""
+    if end <= max_history + 1:
+        return range(1, end)
+    return range(max(max_history + 1, end - _stride(max_history)), end)
 
 
 def _pool(task: str, data: TaskData) -> list[Sample]:
+    if task == "seqrec" and data.packed:
+        return [Sample(task, u, e) for u, seq in sorted(data.train_seqs.items())
+                for e in window_ends(len(seq), data.max_history)]
     if task in ("seqrec", "preference"):
         return [Sample(task, u, p) for u, seq in sorted(data.train_seqs.items()) for p in range(1, len(seq))]
     if task == "next_user":
@@ -155,8 +196,16 @@ class SidTables:
     user: list[str] | None = None
 
 
-def render(sample: Sample, data: TaskData, sids: SidTables, template: int) -> tuple[str, str]:
-    """(prompt, response) text of one sample with the current SID tables."""
+def render(sample: Sample, data: TaskData, sids: SidTables, template: int, eos: str | None = None
+           ) -> tuple[str, str]:
+    """(prompt, response) text of one sample with the current SID tables. `eos` (the
+    tokenizer's EOS text) separates the items of a packed seqrec row."""
+    if sample.task == "seqrec" and data.packed:
+        seq = data.train_seqs[sample.key]
+        start, first = window_start(sample.pos, data.max_history), window_targets(sample.pos, data.max_history)[0]
+        user = sids.user[sample.key] if sids.user is not None else None
+        return (prompts.seqrec_prompt([sids.item[i] for i in seq[start:first]], user, template, packed=True, eos=eos),
+                prompts.packed_response([sids.item[i] for i in seq[first:sample.pos]], eos))
     if sample.task in ("seqrec", "preference"):
         seq = data.train_seqs[sample.key]
         target = seq[sample.pos]
@@ -178,7 +227,7 @@ def render(sample: Sample, data: TaskData, sids: SidTables, template: int) -> tu
 
 
 def n_templates(task: str) -> int:
-    return {"seqrec": len(prompts.SEQREC), "next_user": len(prompts.NEXT_USER),
+    return {"seqrec": min(len(prompts.SEQREC), len(prompts.SEQREC_PACKED)), "next_user": len(prompts.NEXT_USER),
             "preference": min(len(prompts.PREFERENCE), len(prompts.PREFERENCE_TITLE))}[task]
 
 
@@ -186,6 +235,8 @@ def approx_length(sample: Sample, data: TaskData) -> int:
     """Prompt length proxy (entities shown) for length-bucketed batching, before rendering."""
     if sample.task == "next_user":
         return min(sample.pos, data.max_next_user)
+    if sample.task == "seqrec" and data.packed:
+        return sample.pos - window_start(sample.pos, data.max_history)
     return min(sample.pos, data.max_history)
 
 

@@ -100,6 +100,10 @@ def _train_rqvae(x, cfg: dict, seed: int, log, progress: bool):
     model = build_quantizer({**cfg, "kind": "rq", "in_dim": x.shape[1]})
     model.fit_normalisation(x)
     model.init_kmeans(x, sample=cfg["kmeans_sample"], iters=cfg["kmeans_iters"], seed=seed)
+    # On a GPU machine the epochs run there (the batch order still comes from the seeded
+    # CPU generator); on CPU nothing moves, so CPU runs stay bit-identical.
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, x = model.to(device), x.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
     gen = torch.Generator().manual_seed(seed)
     epochs, every = cfg["epochs"], cfg["dead_code_every"]
@@ -110,7 +114,7 @@ def _train_rqvae(x, cfg: dict, seed: int, log, progress: bool):
         model.train()
         sums = dict.fromkeys(keys, 0.0)
         for batch in torch.randperm(len(x), generator=gen).split(cfg["batch_size"]):
-            out = model(x[batch])
+            out = model(x[batch.to(device)])
             opt.zero_grad(set_to_none=True)
             out["loss"].backward()
             opt.step()
@@ -125,7 +129,7 @@ def _train_rqvae(x, cfg: dict, seed: int, log, progress: bool):
         history.append(entry)
         if log is not None:
             log(entry)
-    return model.eval(), history
+    return model.cpu().eval(), history
 
 
 def build_untrained(x: np.ndarray, cfg: dict):
