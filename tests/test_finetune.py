@@ -224,3 +224,30 @@ def test_ddp_two_processes(project):
     assert metrics["processes"] == 2 and metrics["steps"] == 3
     assert Path("data/model/adapter/adapter_model.safetensors").exists()
     assert [c["step"] for c in metrics["churn"]] == [2]
+
+
+def test_non_finite_gradient_skips_the_update_and_is_logged(project, monkeypatch, capsys):
+    """One NaN loss (hence NaN gradients) must not reach the weights through the clipping:
+    the update is skipped, listed in metrics, and training goes on with finite weights."""
+    real = finetune.response_loss
+    calls = {"n": 0}
+
+    def nan_on_third_step(*args, **kwargs):
+        loss, correct = real(*args, **kwargs)
+        calls["n"] += 1
+        return (loss * float("nan"), correct) if calls["n"] == 3 else (loss, correct)
+
+    monkeypatch.setattr(finetune, "response_loss", nan_on_third_step)
+    out = finetune.run(_dynamic_params(**{"train.val_users": 0, "train.max_steps": 5}))
+    metrics = json.loads(Path("metrics/finetune.json").read_text())
+    assert metrics["skipped_steps"] == [3] and metrics["steps"] == 5
+    assert "step 3: non-finite gradient" in capsys.readouterr().err
+    assert np.isfinite(out["history"][-1]["loss_llm"])
+    assert all(torch.isfinite(t).all() for t in load_tensors("data/model/sid_rows.safetensors").values())
+
+
+def test_max_minutes_stops_training_early_and_still_saves(project):
+    out = finetune.run(_dynamic_params(**{"train.max_minutes": 0.0, "train.val_users": 2}))
+    metrics = json.loads(Path("metrics/finetune.json").read_text())
+    assert metrics["steps"] == 1 and metrics["stopped_by_max_minutes"] and metrics["planned_steps"] == 8
+    assert out["best"]["step"] == 1 and Path("data/model/recommender.json").exists()

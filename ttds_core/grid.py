@@ -83,9 +83,11 @@ def grid_cli(names: list[str] | None = None, dry_run: bool = False, force: bool 
     else:
         try:
             for cmd in commands:
-                _run("git checkout -- params.yaml")  # every variant starts from the baseline
+                # every variant starts from the committed baseline (HEAD: an interrupted
+                # `dvc exp run` can leave a variant's params.yaml staged in the index)
+                _run("git checkout HEAD -- params.yaml")
                 _run(cmd)
         finally:
-            _run("git checkout -- " + " ".join(BASELINE_FILES))
+            _run("git checkout HEAD -- " + " ".join(BASELINE_FILES))
             _run("dvc checkout --force")  # the baseline's outputs, from the DVC cache
     print("grid done; compare with:\n  " + "\n  ".join(compare_commands()))
