@@ -75,6 +75,8 @@ def test_report_renders_tables_chart_and_significance(workspace):
     assert "| STDS | tower.user=False | — |" in text
     sig = text.split("## Significance")[1]
     assert "| test | SASRec | 200 |" in sig and "| test_masked | SASRec | 200 |" in sig
+    how = text.split("## How these numbers were produced")[1]
+    assert "| TTDS | `make repro`" in how and "`scripts/grid.sh --variant TTDS-HO`" in how
 
 
 def test_parse_exp_show_layout():

@@ -373,6 +373,27 @@ def bar_chart(path: Path, baselines: dict, runs: dict) -> None:
 
 # ---------------------------------------------------------------- entry point
 
+def provenance_section(baselines: dict, runs: dict) -> str:
+    """How each number above was produced: the command and the seconds its metrics record
+    (training + evaluation for a baseline, evaluation only for a TTDS run)."""
+    rows = []
+    for key, m in baselines.items():
+        name = BASELINE_LABELS.get(key, key)
+        epochs = f"{m['epochs']} ({m.get('best_epoch', '?')})" if m.get("epochs") else "—"
+        rows.append([name, "`dvc repro baseline` (stage `baseline@<name>`)", epochs,
+                     f"{m['seconds']:.0f}" if isinstance(m.get("seconds"), (int, float)) else "—"])
+    for name, m in runs.items():
+        if name not in VARIANTS:  # `workspace` / branch rows repeat the TTDS one
+            continue
+        cmd = "`make repro` (i.e. `dvc repro`)" if name == "TTDS" else f"`scripts/grid.sh --variant {name}`"
+        rows.append([name, cmd, "—", f"{m['seconds']:.0f}" if isinstance(m.get("seconds"), (int, float)) else "—"])
+    table = _markdown(["run", "command", "epochs (best)", "seconds recorded"], rows)
+    return (table + "\n\nSeconds are what each run's metrics file records: training and evaluation for a "
+            "baseline, the `evaluate` stage for a TTDS run (its fine-tuning time is in "
+            "`metrics/finetune.json`). The machine and the stage times of the CPU default are in the "
+            "README (\"Results\").")
+
+
 def render(params: dict, baselines: dict, runs: dict, significance: str) -> str:
     dataset = get(params, "data.name", str, default="?")
     paper_dataset = dataset if dataset in PAPER_TABLE1 else "Instruments"
@@ -397,8 +418,11 @@ def render(params: dict, baselines: dict, runs: dict, significance: str) -> str:
                   ablation_table(TABLE3, baselines, runs, masked)]
     parts += ["", "## Significance: TTDS vs the best baseline (per-user, test)", "", significance, "",
               "![HR@10 and NDCG@10](results.png)", "",
+              "## How these numbers were produced", "", provenance_section(baselines, runs), "",
               "Regenerate: `ttds report` (experiments from `dvc exp show --json`; "
-              "`--experiments runs.json` takes a `{name: metrics}` file instead).", ""]
+              "`--experiments runs.json` takes a `{name: metrics}` file or saved `dvc exp show --json` "
+              "output instead, e.g. from `dvc exp show --json --rev <commit>` once HEAD has moved past "
+              "the experiments' baseline commit).", ""]
     return "\n".join(parts)
 
 
