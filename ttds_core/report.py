@@ -376,17 +376,19 @@ def bar_chart(path: Path, baselines: dict, runs: dict) -> None:
 def provenance_section(baselines: dict, runs: dict) -> str:
     """How each number above was produced: the command and the seconds its metrics record
     (training + evaluation for a baseline, evaluation only for a TTDS run)."""
+    def seconds(m: dict) -> str:
+        return f"{m['seconds']:.0f}" if isinstance(m.get("seconds"), (int, float)) else "—"
+
     rows = []
     for key, m in baselines.items():
-        name = BASELINE_LABELS.get(key, key)
         epochs = f"{m['epochs']} ({m.get('best_epoch', '?')})" if m.get("epochs") else "—"
-        rows.append([name, "`dvc repro baseline` (stage `baseline@<name>`)", epochs,
-                     f"{m['seconds']:.0f}" if isinstance(m.get("seconds"), (int, float)) else "—"])
+        rows.append([BASELINE_LABELS.get(key, key), "`dvc repro baseline` (stage `baseline@<name>`)", epochs,
+                     seconds(m)])
     for name, m in runs.items():
         if name not in VARIANTS:  # `workspace` / branch rows repeat the TTDS one
             continue
         cmd = "`make repro` (i.e. `dvc repro`)" if name == "TTDS" else f"`scripts/grid.sh --variant {name}`"
-        rows.append([name, cmd, "—", f"{m['seconds']:.0f}" if isinstance(m.get("seconds"), (int, float)) else "—"])
+        rows.append([name, cmd, "—", seconds(m)])
     table = _markdown(["run", "command", "epochs (best)", "seconds recorded"], rows)
     return (table + "\n\nSeconds are what each run's metrics file records: training and evaluation for a "
             "baseline, the `evaluate` stage for a TTDS run (its fine-tuning time is in "
