@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 
 from ttds_core.errors import TTDSError
-from ttds_core.report import paired_test, parse_exp_show, report_cli
+from ttds_core.report import (ablation_significance, experiments_of_revs, paired_test, parse_exp_show,
+                               report_cli)
 
 
 def _metrics(scale: float, users: int = 50) -> dict:
@@ -91,6 +92,53 @@ def test_parse_exp_show_layout():
     runs = parse_exp_show(payload)
     assert set(runs) == {"workspace", "ttds-ho"}
     assert runs["ttds-ho"]["test"]["HR@10"] == pytest.approx(0.16)
+
+
+def _exp_show_payload(commit: str, base: dict, experiments: dict[str, dict]) -> list:
+    """`dvc exp show --json --rev <commit>` output: the workspace, the commit, its experiments."""
+    return [
+        {"rev": "workspace", "name": None, "data": {"metrics": {"metrics/eval.json": {"data": _metrics(9.0)}}},
+         "experiments": None},
+        {"rev": commit, "name": "main", "data": {"metrics": {"metrics/eval.json": {"data": base}}},
+         "experiments": [{"name": name, "executor": None, "revs": [
+             {"rev": name + "sha", "name": name, "data": {"metrics": {"metrics/eval.json": {"data": m}}},
+              "experiments": None}]} for name, m in experiments.items()]},
+    ]
+
+
+def test_experiments_of_several_baseline_commits_combine_only_when_their_ttds_agrees():
+    base = _metrics(1.0)
+    old = _exp_show_payload("aaa", base, {"ttss": _metrics(0.9), "ttds-ho": _metrics(0.8)})
+    new = _exp_show_payload("bbb", dict(base), {"stds": _metrics(0.7)})
+    runs, revs = experiments_of_revs({"aaa": old, "bbb": new})
+    # the baseline commits' TTDS metrics are the TTDS row, not the (different) workspace
+    assert set(runs) == {"TTDS", "ttss", "ttds-ho", "stds"} and runs["TTDS"] == base
+    assert revs == {"TTDS": "aaa", "ttss": "ttsssha", "ttds-ho": "ttds-hosha", "stds": "stdssha"}
+    with pytest.raises(TTDSError, match="different metrics/eval.json"):
+        experiments_of_revs({"aaa": old, "ccc": _exp_show_payload("ccc", _metrics(1.1), {})})
+    with pytest.raises(TTDSError, match="'ttss' exists under both"):
+        experiments_of_revs({"aaa": old, "ddd": _exp_show_payload("ddd", base, {"ttss": _metrics(1.0)})})
+
+
+def test_each_variant_is_tested_against_ttds_user_by_user(workspace):
+    _, targets, base_ranks, ttds_ranks = workspace
+    by_rev = {"r-ttds": _ranks(base_ranks, targets), "r-ho": _ranks(ttds_ranks, targets),
+              "r-ttss": _ranks(base_ranks, targets)}
+
+    def read(rev):
+        if rev not in by_rev:
+            raise TTDSError(f"data/eval/ranks.parquet at {rev}: not readable (missing)")
+        return by_rev[rev]
+
+    text = ablation_significance({"TTDS": "r-ttds", "TTDS-HO": "r-ho", "TTSS": "r-ttss", "TT-SR": "gone"}, read)
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in text.splitlines()
+            if line.startswith("| TT")}
+    # TTDS-HO's ranks are much better than these TTDS ranks: a tiny p; TTSS is identical: p = 1
+    ho = rows[("TTDS-HO", "test")].split("|")
+    assert float(ho[5]) < 1e-3 and float(ho[8]) < 1e-3
+    assert rows[("TTSS", "test_masked")].rstrip(" |").endswith("| 1")
+    assert "Not compared: TT-SR: data/eval/ranks.parquet at gone" in text
+    assert ablation_significance({"TTSS": "r-ttss"}, read).startswith("Not computed")
 
 
 def test_report_reads_saved_exp_show_output_and_uses_workspace_as_ttds(workspace):

@@ -89,10 +89,12 @@ def recommend(user: str = typer.Option(..., help="original user id or user index
 def report(out: str = typer.Option("docs/results.md", help="markdown file to write"),
            experiments: Optional[str] = typer.Option(None, help="JSON of experiment metrics "
                                                       "(default: read `dvc exp show --json`)"),
+           rev: Optional[list[str]] = typer.Option(None, help="take the experiments of this baseline commit "
+                                                   "(repeatable; commits must have the same TTDS metrics)"),
            params: str = typer.Option("params.yaml", help="params file")) -> None:
     """Render the paper-style tables and bar chart from experiments and baselines."""
     with user_errors():
-        _resolve("ttds_core.report:report_cli")(load_params(params), out=out, experiments=experiments)
+        _resolve("ttds_core.report:report_cli")(load_params(params), out=out, experiments=experiments, revs=rev)
 
 
 @app.command()

@@ -99,14 +99,14 @@ def _eval_metrics(metrics_files: dict) -> dict | None:
     return None
 
 
-def parse_exp_show(payload) -> dict[str, dict]:
-    """{experiment name: eval metrics} from `dvc exp show --json` output.
+def _exp_nodes(payload) -> list[tuple[str, str, dict]]:
+    """(name, git rev, eval metrics) of every revision of `dvc exp show --json` output.
 
     Walks the nested revisions defensively (the layout has changed across DVC
     versions): any dict with a `name` (or `rev`) and `data.metrics` holding an
-    `eval.json` counts. The workspace entry is returned as "workspace".
+    `eval.json` counts. The workspace entry is named (and its rev is) "workspace".
     """
-    found: dict[str, dict] = {}
+    found: list[tuple[str, str, dict]] = []
 
     def walk(node):
         if isinstance(node, list):
@@ -120,7 +120,7 @@ def parse_exp_show(payload) -> dict[str, dict]:
             metrics = _eval_metrics(data.get("metrics"))
             name = node.get("name") or node.get("rev")
             if metrics is not None and name:
-                found.setdefault(str(name), metrics)
+                found.append((str(name), str(node.get("rev") or name), metrics))
         for key in ("experiments", "revs"):
             walk(node.get(key))
 
@@ -128,33 +128,113 @@ def parse_exp_show(payload) -> dict[str, dict]:
     return found
 
 
-def load_experiments(experiments: str | None, eval_path: Path) -> dict[str, dict]:
-    """{variant or run name: metrics}: from a JSON file, else `dvc exp show --json`."""
+def parse_exp_show(payload) -> dict[str, dict]:
+    """{experiment name: eval metrics} from `dvc exp show --json` output (first of a name wins)."""
+    found: dict[str, dict] = {}
+    for name, _, metrics in _exp_nodes(payload):
+        found.setdefault(name, metrics)
+    return found
+
+
+def exp_show_revs(payload) -> dict[str, str]:
+    """{experiment name: git rev} from `dvc exp show --json` output (first of a name wins)."""
+    found: dict[str, str] = {}
+    for name, rev, _ in _exp_nodes(payload):
+        found.setdefault(name, rev)
+    return found
+
+
+def baseline_of_exp_show(payload) -> tuple[str, dict | None]:
+    """(commit, eval metrics) of the baseline commit in `dvc exp show --json --rev X` output:
+    the top-level entry that is not the workspace."""
+    for node in payload if isinstance(payload, list) else []:
+        if isinstance(node, dict) and node.get("rev") not in (None, "workspace"):
+            return str(node["rev"]), _eval_metrics((node.get("data") or {}).get("metrics"))
+    return "?", None
+
+
+def _exp_show(rev: str | None = None) -> list:
+    cmd = ["dvc", "exp", "show", "--json"] + (["--rev", rev] if rev else [])
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise TTDSError(f"`{' '.join(cmd)}` could not run: {exc}") from None
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+        raise TTDSError(f"`{' '.join(cmd)}` failed: {last}")
+    try:
+        return json.loads(done.stdout)
+    except json.JSONDecodeError:
+        raise TTDSError(f"`{' '.join(cmd)}`: output is not JSON") from None
+
+
+def experiments_of_revs(payloads: dict[str, list]) -> tuple[dict[str, dict], dict[str, str]]:
+    """({name: metrics}, {name: git rev}) from the `dvc exp show --json --rev R` output of several baseline
+    commits (e.g. a grid run in two sittings with a docs-only commit in between).
+
+    They may be combined only when every baseline commit scored the same TTDS metrics
+    (same pipeline, same results); its metrics become the TTDS row. An experiment name
+    found under two commits is ambiguous and refused."""
+    runs: dict[str, dict] = {}
+    source: dict[str, str] = {}
+    revs: dict[str, str] = {}
+    first: tuple[str, dict, str] | None = None
+    for rev, payload in payloads.items():
+        commit, base = baseline_of_exp_show(payload)
+        if base is None:
+            raise TTDSError(f"--rev {rev}: commit {commit[:7]} has no metrics/eval.json to compare its experiments with")
+        if first is None:
+            first = (rev, base, commit)
+        elif base != first[1]:
+            raise TTDSError(f"--rev {rev} and --rev {first[0]}: their baseline commits have different "
+                            "metrics/eval.json, so their experiments are not comparable; report them separately")
+        baseline_node = next(n for n in payload if isinstance(n, dict) and n.get("rev") == commit)
+        for name, exp_rev, metrics in _exp_nodes(baseline_node.get("experiments") or []):
+            if name in source:
+                raise TTDSError(f"experiment {name!r} exists under both --rev {source[name]} and --rev {rev}; "
+                                "pass only one of them or remove one with `dvc exp remove`")
+            runs[name], source[name], revs[name] = metrics, rev, exp_rev
+    runs["TTDS"], revs["TTDS"] = first[1], first[2]
+    return runs, revs
+
+
+def load_experiments(experiments: str | None, eval_path: Path, revs: list[str] | None = None
+                     ) -> tuple[dict[str, dict], dict[str, str]]:
+    """({variant or run name: metrics}, {name: git rev of the run, "workspace" for the
+    working tree}): from a JSON file (no revs for a `{name: metrics}` file), from the
+    experiments of the given baseline commits, else from `dvc exp show --json` (HEAD's)."""
+    run_revs: dict[str, str] = {}
+    if experiments is not None and revs:
+        raise TTDSError("--experiments and --rev: give one of them")
     if experiments is not None:
         raw = read_json(experiments)
         if isinstance(raw, list):  # saved `dvc exp show --json` output
-            runs = parse_exp_show(raw)
+            runs, run_revs = parse_exp_show(raw), exp_show_revs(raw)
         elif isinstance(raw, dict) and all(isinstance(v, dict) for v in raw.values()):
             runs = raw
         else:
             raise TTDSError(f"{experiments}: expected a JSON object {{experiment name: metrics}}")
+    elif revs:
+        runs, run_revs = experiments_of_revs({rev: _exp_show(rev) for rev in revs})
     else:
         try:
-            out = subprocess.run(["dvc", "exp", "show", "--json"], capture_output=True, text=True,
-                                 check=True, timeout=600).stdout
-            runs = parse_exp_show(json.loads(out))
-        except (OSError, subprocess.SubprocessError, json.JSONDecodeError):
+            payload = _exp_show()
+            runs, run_revs = parse_exp_show(payload), exp_show_revs(payload)
+        except TTDSError:
             runs = {}  # no DVC / no commit yet: fall back to the workspace metrics file
         if "workspace" not in runs and eval_path.exists():
-            runs["workspace"] = read_json(eval_path)
-    named = {}
+            runs["workspace"], run_revs["workspace"] = read_json(eval_path), "workspace"
+    named, named_revs = {}, {}
     for name, metrics in runs.items():
         if "test" not in metrics:
             raise TTDSError(f"experiment {name!r}: metrics have no 'test' section")
         named[_variant_name(name) or name] = metrics
+        if name in run_revs:
+            named_revs[_variant_name(name) or name] = run_revs[name]
     if "TTDS" not in named and "workspace" in named:
         named["TTDS"] = named["workspace"]
-    return named
+        named_revs["TTDS"] = named_revs.get("workspace", "workspace")
+    return named, named_revs
 
 
 def load_baselines(metrics_dir: Path) -> dict[str, dict]:
@@ -281,15 +361,15 @@ def per_user(ranks: pd.DataFrame, masked: bool, split: str = "test") -> pd.DataF
 
 
 def paired_test(ours: pd.DataFrame, theirs: pd.DataFrame, masked: bool, ours_name: str = "TTDS",
-                theirs_name: str = "baseline") -> dict:
-    """Paired tests on the test users both runs ranked, after checking it is the same split.
+                theirs_name: str = "baseline", split: str = "test") -> dict:
+    """Paired tests on the `split` users both runs ranked, after checking it is the same split.
 
     NDCG@10: Wilcoxon signed-rank and paired t-test on per-user values. HR@10: exact
     McNemar test (binomial test on the users where exactly one model hits).
     """
     from scipy import stats
 
-    a, b = per_user(ours, masked), per_user(theirs, masked)
+    a, b = per_user(ours, masked, split), per_user(theirs, masked, split)
     if a.index.has_duplicates or b.index.has_duplicates:
         raise TTDSError("ranks.parquet: a user appears twice for the same split and masking")
     extra = a.index.difference(b.index)
@@ -298,7 +378,7 @@ def paired_test(ours: pd.DataFrame, theirs: pd.DataFrame, masked: bool, ours_nam
                         "(not the same split)")
     common = a.index
     if not len(common):
-        raise TTDSError(f"{ours_name} ranks: no test users to compare")
+        raise TTDSError(f"{ours_name} ranks: no {split} users to compare")
     b = b.loc[common]
     differs = a["target"].to_numpy() != b["target"].to_numpy()
     if differs.any():
@@ -340,6 +420,60 @@ def significance_section(baselines: dict, eval_ranks: Path, baseline_dir: Path) 
     header = ["split", "best baseline", "users", "NDCG@10 TTDS vs baseline", "Wilcoxon p", "paired t p",
               "HR@10 TTDS vs baseline", "hits only TTDS / only baseline", "McNemar p"]
     return _markdown(header, rows)
+
+
+RANK_COLUMNS = ["user_id", "split", "target", "rank", "masked"]
+
+
+def ranks_at(rev: str, eval_ranks: Path) -> pd.DataFrame:
+    """A TTDS run's per-user ranks: the working tree's file, or the file as DVC tracked it
+    at a git rev (an experiment or a commit; read from the local DVC cache)."""
+    if rev == "workspace":
+        return read_parquet(eval_ranks, columns=RANK_COLUMNS)
+    import io
+
+    import dvc.api
+
+    try:
+        with dvc.api.open(eval_ranks.as_posix(), rev=rev, mode="rb") as f:
+            return pd.read_parquet(io.BytesIO(f.read()), columns=RANK_COLUMNS)
+    except Exception as exc:  # DVC raises many types: unknown rev, output not in the cache, ...
+        raise TTDSError(f"{eval_ranks.as_posix()} at {rev[:7]}: not readable ({type(exc).__name__})") from None
+
+
+def ablation_significance(run_revs: dict[str, str], read_ranks) -> str:
+    """Each variant against TTDS, user by user (`paired_test`) on the test split, masked and
+    not, and on validation (where the two can disagree), from the ranks each run wrote;
+    `read_ranks(rev)` returns them."""
+    if "TTDS" not in run_revs:
+        return "Not computed: no TTDS run with per-user ranks."
+    ttds = read_ranks(run_revs["TTDS"])
+    rows, unreadable = [], []
+    for name in VARIANTS:
+        if name == "TTDS" or name not in run_revs:
+            continue
+        try:
+            ranks = read_ranks(run_revs[name])
+        except TTDSError as exc:
+            unreadable.append(f"{name}: {exc}")
+            continue
+        for split, masked in (("test", False), ("test", True), ("valid", False)):
+            have = [((r["split"] == split) & (r["masked"] == masked)).any() for r in (ranks, ttds)]
+            if not all(have):
+                continue
+            t = paired_test(ranks, ttds, masked, ours_name=name, theirs_name="TTDS", split=split)
+            rows.append([name, split + ("_masked" if masked else ""), str(t["users"]),
+                         f"{t['ndcg10_ours']:.4f} vs {t['ndcg10_theirs']:.4f}", f"{t['wilcoxon_p']:.2g}",
+                         f"{t['hit10_ours']:.4f} vs {t['hit10_theirs']:.4f}",
+                         f"{t['hits_only_ours']} / {t['hits_only_theirs']}", f"{t['mcnemar_p']:.2g}"])
+    if not rows:
+        text = "Not computed: no variant run with per-user ranks."
+    else:
+        text = _markdown(["variant", "split", "users", "NDCG@10 variant vs TTDS", "Wilcoxon p",
+                          "HR@10 variant vs TTDS", "hits only variant / only TTDS", "McNemar p"], rows)
+        text += ("\n\nOne test per row, no correction for multiple comparisons: with this many rows a "
+                 "p below 0.05 can occur by chance.")
+    return text + "".join(f"\n\nNot compared: {u}" for u in unreadable)
 
 
 # ---------------------------------------------------------------- chart
@@ -396,7 +530,7 @@ def provenance_section(baselines: dict, runs: dict) -> str:
             "README (\"Results\").")
 
 
-def render(params: dict, baselines: dict, runs: dict, significance: str) -> str:
+def render(params: dict, baselines: dict, runs: dict, significance: str, ablations: str = "") -> str:
     dataset = get(params, "data.name", str, default="?")
     paper_dataset = dataset if dataset in PAPER_TABLE1 else "Instruments"
     users = next((m.get("users") for m in [*baselines.values(), *runs.values()] if m.get("users")), None)
@@ -418,17 +552,19 @@ def render(params: dict, baselines: dict, runs: dict, significance: str) -> str:
                   ablation_table(TABLE2, baselines, runs, masked),
                   "", f"## Table 3 — index ablation (test, {tag})", "",
                   ablation_table(TABLE3, baselines, runs, masked)]
-    parts += ["", "## Significance: TTDS vs the best baseline (per-user, test)", "", significance, "",
-              "![HR@10 and NDCG@10](results.png)", "",
+    parts += ["", "## Significance: TTDS vs the best baseline (per-user, test)", "", significance, ""]
+    if ablations:
+        parts += ["## Significance: each variant vs TTDS (per-user)", "", ablations, ""]
+    parts += ["![HR@10 and NDCG@10](results.png)", "",
               "## How these numbers were produced", "", provenance_section(baselines, runs), "",
               "Regenerate: `ttds report` (experiments from `dvc exp show --json`; "
               "`--experiments runs.json` takes a `{name: metrics}` file or saved `dvc exp show --json` "
-              "output instead, e.g. from `dvc exp show --json --rev <commit>` once HEAD has moved past "
-              "the experiments' baseline commit).", ""]
+              "output instead; `--rev <commit>`, repeatable, takes the experiments of those baseline "
+              "commits once HEAD has moved past them).", ""]
     return "\n".join(parts)
 
 
-def report_cli(params: dict, out: str, experiments: str | None = None,
+def report_cli(params: dict, out: str, experiments: str | None = None, revs: list[str] | None = None,
                metrics_dir: str | Path = "metrics/baselines", eval_path: str | Path = "metrics/eval.json",
                eval_ranks: str | Path = "data/eval/ranks.parquet",
                baseline_dir: str | Path = "data/baselines") -> Path:
@@ -437,12 +573,13 @@ def report_cli(params: dict, out: str, experiments: str | None = None,
     if out.suffix != ".md":
         raise TTDSError(f"--out {out}: expected a markdown file name ending in .md")
     baselines = load_baselines(Path(metrics_dir))
-    runs = load_experiments(experiments, Path(eval_path))
+    runs, run_revs = load_experiments(experiments, Path(eval_path), revs)
     if not baselines and not runs:
         raise TTDSError(f"nothing to report: no {Path(metrics_dir).as_posix()}/*.json and no experiments")
     baselines = align_users(baselines, Path(eval_ranks), Path(baseline_dir))
     significance = significance_section(baselines, Path(eval_ranks), Path(baseline_dir))
-    text = render(params, baselines, runs, significance).replace("(results.png)", f"({out.stem}.png)")
+    ablations = ablation_significance(run_revs, lambda rev: ranks_at(rev, Path(eval_ranks)))
+    text = render(params, baselines, runs, significance, ablations).replace("(results.png)", f"({out.stem}.png)")
     bar_chart(out.with_suffix(".png"), baselines, runs)
     with atomic_path(out, ".md") as tmp:
         tmp.write_text(text)
