@@ -71,7 +71,7 @@ def test_packed_windows_train_every_prefix_target_once(length, max_history):
 def test_packed_seqrec_row_is_the_items_in_order_closed_by_eos():
     seqs = pd.DataFrame({"user_id": [0, 1], "items": [[1, 2, 3, 4, 5, 6], [3, 1, 4, 2, 0]]})
     items = pd.DataFrame({"item_id": range(7), "title": [f"t{i}" for i in range(7)]})
-    data = tasks.build_task_data(seqs, items, None, max_history=2, max_next_user=1, seqrec_format="packed")
+    data = tasks.build_task_data(seqs, items, None, max_history=2, max_next_user=1, packed=True)
     samples = tasks.build_samples(data, {"seqrec": 1.0}, seed=0)
     # user 0 trains on [1 2 3 4]: the first 3 items [1 2 3] (targets 2, 3), then [2 3 | 4];
     # user 1 on [3 1 4]: one window
@@ -82,11 +82,11 @@ def test_packed_seqrec_row_is_the_items_in_order_closed_by_eos():
     prompt, response = tasks.render(samples[1], data, _sids(), 0, eos="<E>")
     assert prompt.endswith(":\n<a_2><b_0><E><a_3><b_0><E>") and response == "<a_4><b_0>"
     # evaluation asks for the continuation of the same kind of prompt
-    from ttds_core.prompts import seqrec_prompt
+    from ttds_core.prompts import seqrec_packed, seqrec_prompt
     assert seqrec_prompt(["<a_3><b_0>", "<a_4><b_0>"], "<ua_0><ub_1>", 0, True, "<E>").endswith(
         "<a_3><b_0><E><a_4><b_0><E>")
     with pytest.raises(TTDSError, match="tasks.seqrec_format"):
-        tasks.build_task_data(seqs, items, None, 2, 1, seqrec_format="stacked")
+        seqrec_packed({"tasks": {"seqrec_format": "stacked"}})
 
 
 def test_validation_and_test_items_never_reach_training():

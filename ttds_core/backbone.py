@@ -174,14 +174,18 @@ def load_backbone(params: dict, device=None, dtype=None, backbone_dir: str | Pat
     return model.to(device).eval(), tokenizer
 
 
-def decoder_of(model):
-    """The base decoder (e.g. LlamaModel) of a CausalLM or of a peft PeftModel around one.
+def hf_model(model):
+    """The transformers CausalLM under a peft PeftModel (or the model itself).
 
-    peft injects LoRA layers into the wrapped modules in place, so the decoder returned
-    for a PeftModel runs with its adapters active.
+    peft injects LoRA layers into the wrapped modules in place, so what this returns for
+    a PeftModel -- and its decoder and heads -- runs with the adapters active.
     """
-    if hasattr(model, "get_base_model"):  # peft.PeftModel
-        model = model.get_base_model()
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def decoder_of(model):
+    """The base decoder (e.g. LlamaModel) of a CausalLM or of a peft PeftModel around one."""
+    model = hf_model(model)
     if hasattr(model, "get_decoder"):
         decoder = model.get_decoder()
         if decoder is not None:

@@ -31,6 +31,7 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from .backbone import hf_model
 from .errors import TTDSError
 from .tokens import split_sid
 from .vocab import encode_response
@@ -204,18 +205,13 @@ def search_config(tokenizer, beams: int, max_new_tokens: int):
     )
 
 
-def _hf_model(model):
-    """The transformers model under a peft wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 @contextlib.contextmanager
 def _only_this_config(model, config):
     """`generate` fills every field left unset in the passed config from
     `model.generation_config` (chat checkpoints set sampling, repetition penalties,
     suppressed tokens...). Swapping ours in for the call makes the search depend on
     nothing but what `search_config` sets."""
-    hf = _hf_model(model)
+    hf = hf_model(model)
     saved = hf.generation_config
     hf.generation_config = config
     try:
@@ -247,7 +243,7 @@ def _sid_head(model, subset: _SubsetHead | None):
     if subset is None:
         yield
         return
-    hf = _hf_model(model)
+    hf = hf_model(model)
     full = hf.get_output_embeddings()
     hf.set_output_embeddings(subset)
     try:
@@ -283,7 +279,7 @@ class ConstrainedRanker:
             raise TTDSError(f"params: 'eval.scoring' = {scoring!r}, expected one of {', '.join(SCORINGS)}")
         self.model, self.tokenizer, self.trie, self.beams = model, tokenizer, trie, int(beams)
         self.scoring = scoring
-        self.subset_head = (_SubsetHead(_hf_model(model).get_output_embeddings(), trie.tokens())
+        self.subset_head = (_SubsetHead(hf_model(model).get_output_embeddings(), trie.tokens())
                             if scoring == "sid" else None)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.config = search_config(tokenizer, self.beams, trie.max_length + 1)
@@ -305,7 +301,7 @@ class ConstrainedRanker:
         ids, mask = ids.to(self.device), mask.to(self.device)
         # same position ids as `generate` derives from a left-padded attention mask
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=_hf_model(self.model).config)
+        cache = DynamicCache(config=hf_model(self.model).config)
         self.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
                    past_key_values=cache, use_cache=True, logits_to_keep=1)
         return PromptBatch(ids, mask, cache)

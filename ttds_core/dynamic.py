@@ -180,9 +180,9 @@ class SidHead(nn.Module):
 
 def install(model, sid: SidVocab) -> None:
     """Wrap `model`'s input embedding and LM head (a CausalLM or a PeftModel around one)."""
-    from .backbone import decoder_of
+    from .backbone import decoder_of, hf_model
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = hf_model(model)
     decoder = decoder_of(base)
     if isinstance(decoder.embed_tokens, SidEmbedding):
         raise TTDSError("SID rows are already installed on this model")

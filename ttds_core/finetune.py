@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import dynamic, tasks
-from .backbone import decoder_of
+from .backbone import decoder_of, hf_model
 from .config import get, seed_everything
 from .errors import TTDSError
 from .io import atomic_dir, load_tensors, read_json, read_npy, read_parquet, save_tensors, write_json, \
@@ -178,11 +178,6 @@ class IndexState:
 SID_SOFTMAX = ("vocab", "sid")
 
 
-def head_of(lm) -> nn.Module:
-    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
-    return base.get_output_embeddings()
-
-
 def response_loss(lm, sid: dynamic.SidVocab, eos_id: int, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                   labels: torch.Tensor, softmax: str = "vocab") -> tuple[torch.Tensor, torch.Tensor]:
     """(mean cross-entropy over the response tokens, correct [B, R]) -- labels -100 ignored;
@@ -202,7 +197,7 @@ def response_loss(lm, sid: dynamic.SidVocab, eos_id: int, input_ids: torch.Tenso
     width, r = input_ids.shape[1], labels.shape[1]
     hidden = hidden[:, width - r - 1:width - 1]  # the state that predicts each label (right-aligned)
     valid = labels != -100
-    head = head_of(lm)
+    head = hf_model(lm).get_output_embeddings()
     coded = torch.zeros_like(valid)
     if softmax == "sid":
         first_label = labels.gather(1, valid.float().argmax(1, keepdim=True)).squeeze(1)
@@ -592,6 +587,13 @@ def run(params: dict, data_dir: str | Path = "data", metrics_dir: str | Path = "
     device, main = accelerator.device, accelerator.is_main_process
     if cfg.threads is not None and device.type == "cpu":
         torch.set_num_threads(cfg.threads)
+    if device.type == "cuda":
+        # cuDNN's fused-attention backward returns NaN dQ when an explicit mask is passed,
+        # the sequence width is 64 mod 128 and a query row's log-sum-exp is very negative
+        # (pytorch/pytorch#196678, from torch 2.11). Every left-padded batch has such rows
+        # (padding attends to nothing), so one batch of that width poisons every gradient.
+        # The memory-efficient kernel (next in SDPA's order) is exact on the same inputs.
+        torch.backends.cuda.enable_cudnn_sdp(False)
     seed_everything(cfg.seed)
 
     sequences, items, interactions, texts, x, tables = load_inputs(params, data_dir, cfg.towers)
@@ -599,8 +601,7 @@ def run(params: dict, data_dir: str | Path = "data", metrics_dir: str | Path = "
     weights = tasks.enabled_tasks(get(params, "tasks.weights", dict),
                                   get(params, "tasks.high_order", bool), "user" in cfg.towers)
     data = tasks.build_task_data(sequences, items, interactions, max_history,
-                                 get(params, "tasks.max_next_user", int, min_value=1),
-                                 "packed" if cfg.packed else "prefix")
+                                 get(params, "tasks.max_next_user", int, min_value=1), cfg.packed)
     samples = tasks.build_samples(data, weights, cfg.seed)
     val = tasks.validation_samples(sequences, cfg.val_users, cfg.seed)
 

@@ -110,15 +110,15 @@ def train_reviews(interactions: pd.DataFrame | None) -> dict[tuple[int, int], st
 
 
 def build_task_data(sequences: pd.DataFrame, items: pd.DataFrame, interactions: pd.DataFrame | None,
-                    max_history: int, max_next_user: int, seqrec_format: str = "prefix") -> TaskData:
-    if seqrec_format not in prompts.SEQREC_FORMATS:
-        raise TTDSError(f"params: 'tasks.seqrec_format' = {seqrec_format!r}, expected one of "
-                        f"{', '.join(prompts.SEQREC_FORMATS)}")
+                    max_history: int, max_next_user: int, packed: bool = False) -> TaskData:
+    """Everything the task samplers need, from the training part of each sequence only.
+    `packed`: seqrec rows are packed windows (`prompts.seqrec_packed(params)`), else one
+    prefix per target."""
     seqs = train_sequences(sequences)
     return TaskData(train_seqs=seqs, item_users=item_user_lists(seqs, interactions),
                     reviews=train_reviews(interactions),
                     titles={int(i): clean_text(t) for i, t in zip(items["item_id"], items["title"])},
-                    max_history=max_history, max_next_user=max_next_user, packed=seqrec_format == "packed")
+                    max_history=max_history, max_next_user=max_next_user, packed=packed)
 
 
 def _stride(max_history: int) -> int:
