@@ -99,6 +99,7 @@ def test_warmup_and_build_sids_end_to_end(tmp_path, kind, length):
     assert config["item"]["kind"] == kind and config["user"]["in_dim"] == 32
     wm = json.loads((out / "warmup.json").read_text())
     assert wm["kind"] == kind
+    assert (out / "live" / "plots" / "metrics").is_dir()  # a dvc.yaml output, whatever the kind
     if kind == "rq":
         assert len(wm["item"]["usage"]) == length and wm["item"]["epochs"] == 3
         assert (out / "live" / "metrics.json").exists()

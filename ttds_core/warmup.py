@@ -194,4 +194,6 @@ def run(params: dict, embeddings_dir: str | Path = "data/embeddings", out_dir: s
         write_json(tmp / "config.json", configs)
     if histories:
         _log_histories(histories, live_dir)
+    else:  # lsh / random: nothing trained, no curves; the plots folder dvc.yaml declares still exists
+        (Path(live_dir) / "plots" / "metrics").mkdir(parents=True, exist_ok=True)
     write_json(metrics_path, {"kind": configs["item"]["kind"], **metrics})
