@@ -168,12 +168,18 @@ def _exp_show(rev: str | None = None) -> list:
         raise TTDSError(f"`{' '.join(cmd)}`: output is not JSON") from None
 
 
+def _scores(metrics: dict) -> dict:
+    """What a run scored (every split's metrics and the user count), without its timings."""
+    return {k: v for k, v in metrics.items() if k in ("users",) or isinstance(v, dict)}
+
+
 def experiments_of_revs(payloads: dict[str, list]) -> tuple[dict[str, dict], dict[str, str]]:
-    """({name: metrics}, {name: git rev}) from the `dvc exp show --json --rev R` output of several baseline
-    commits (e.g. a grid run in two sittings with a docs-only commit in between).
+    """({name: metrics}, {name: git rev}) from the `dvc exp show --json --rev R` output of
+    several baseline commits (a grid run in sittings, across commits that did not change
+    the results).
 
     They may be combined only when every baseline commit scored the same TTDS metrics
-    (same pipeline, same results); its metrics become the TTDS row. An experiment name
+    (timings aside); the first one's become the TTDS row. An experiment name
     found under two commits is ambiguous and refused."""
     runs: dict[str, dict] = {}
     source: dict[str, str] = {}
@@ -185,7 +191,7 @@ def experiments_of_revs(payloads: dict[str, list]) -> tuple[dict[str, dict], dic
             raise TTDSError(f"--rev {rev}: commit {commit[:7]} has no metrics/eval.json to compare its experiments with")
         if first is None:
             first = (rev, base, commit)
-        elif base != first[1]:
+        elif _scores(base) != _scores(first[1]):
             raise TTDSError(f"--rev {rev} and --rev {first[0]}: their baseline commits have different "
                             "metrics/eval.json, so their experiments are not comparable; report them separately")
         baseline_node = next(n for n in payload if isinstance(n, dict) and n.get("rev") == commit)
