@@ -139,6 +139,7 @@ def test_each_variant_is_tested_against_ttds_user_by_user(workspace):
     assert rows[("TTSS", "test_masked")].rstrip(" |").endswith("| 1")
     assert "Not compared: TT-SR: data/eval/ranks.parquet at gone" in text
     assert ablation_significance({"TTSS": "r-ttss"}, read).startswith("Not computed")
+    assert ablation_significance({"TTDS": "gone", "TTSS": "r-ttss"}, read).startswith("Not computed: TTDS")
 
 
 def test_report_reads_saved_exp_show_output_and_uses_workspace_as_ttds(workspace):

@@ -453,7 +453,10 @@ def ablation_significance(run_revs: dict[str, str], read_ranks) -> str:
     `read_ranks(rev)` returns them."""
     if "TTDS" not in run_revs:
         return "Not computed: no TTDS run with per-user ranks."
-    ttds = read_ranks(run_revs["TTDS"])
+    try:
+        ttds = read_ranks(run_revs["TTDS"])
+    except TTDSError as exc:
+        return f"Not computed: TTDS {exc}"
     rows, unreadable = [], []
     for name in VARIANTS:
         if name == "TTDS" or name not in run_revs:
