@@ -251,3 +251,18 @@ def test_max_minutes_stops_training_early_and_still_saves(project):
     metrics = json.loads(Path("metrics/finetune.json").read_text())
     assert metrics["steps"] == 1 and metrics["stopped_by_max_minutes"] and metrics["planned_steps"] == 8
     assert out["best"]["step"] == 1 and Path("data/model/recommender.json").exists()
+
+
+@pytest.mark.parametrize("kind,dynamic", [("lsh", True), ("random", False)])
+def test_lsh_and_random_index_train_save_and_load(tmp_path, monkeypatch, kind, dynamic):
+    """The index ablations (TT-DLSH, TT-SR) fine-tune, save and load: without a codebook
+    to tie, the input and output SID rows are one tensor, which must still be saved."""
+    build_toy_project(tmp_path, kind=kind)
+    monkeypatch.chdir(tmp_path)
+    params = _dynamic_params(**{"index.kind": kind, "index.dynamic": dynamic, "train.max_steps": 4,
+                                "train.val_users": 2})
+    finetune.run(params)
+    rows = load_tensors("data/model/sid_rows.safetensors")
+    assert torch.equal(rows["input"], rows["output"])
+    rec = load_recommender(params, device="cpu")
+    assert rec.item_sids["sid"].is_unique and len(rec.item_sids) == len(read_parquet("data/processed/items.parquet"))

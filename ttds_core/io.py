@@ -105,7 +105,9 @@ def read_npy(path: str | Path) -> np.ndarray:
 def save_tensors(path: str | Path, tensors: dict, metadata: dict | None = None) -> None:
     from safetensors.torch import save_file
 
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    # A copy of each: safetensors refuses tensors that share memory (e.g. tied input and
+    # output SID rows), and a view of a bigger tensor would otherwise be saved with it.
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
     with atomic_path(path, ".safetensors") as tmp:
         save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
 
