@@ -4,7 +4,7 @@
 #
 #   scripts/grid.sh --dry-run            # print the dvc commands only
 #   scripts/grid.sh                      # every variant, one by one, in the workspace
-#   scripts/grid.sh --variant TTSS --variant TTDS-HO --force
+#   scripts/grid.sh --variant TTSS --variant TTDS-HO   # --force: re-run every stage, overwrite same-name experiments
 #   scripts/grid.sh --queue              # queue them all, then `dvc exp run --run-all`
 #
 # Commit params.yaml, dvc.lock and metrics/ first: the workspace grid resets them between

@@ -173,6 +173,33 @@ def test_sticky_codes_keep_old_codes_inside_the_margin():
         q.sticky_codes(x, nearest, 1.0)
 
 
+def test_lsh_sticky_codes_flip_only_bits_that_crossed_by_more_than_the_margin():
+    from ttds_core.quantize import LSHQuantizer
+
+    torch.manual_seed(0)
+    q = LSHQuantizer(16, length=3, codebook_size=16, seed=1)
+    x = torch.randn(300, 16)
+    q.fit_normalisation(x)
+    hashed = q.codes(x)
+    np.testing.assert_array_equal(q.sticky_codes(x, torch.zeros_like(hashed), 0.0), hashed)
+    np.testing.assert_array_equal(q.sticky_codes(x, hashed, 0.5), hashed)
+    moved = x + 0.3 * torch.randn_like(x)
+    sticky = q.sticky_codes(moved, hashed, 0.2)
+    changed = [float((q.sticky_codes(moved, hashed, m) != hashed).any(1).float().mean()) for m in (0.0, 0.2, 0.6)]
+    assert changed[0] > changed[1] > changed[2]
+    # bit by bit: a flipped bit's projection is beyond 0.2 std on its new side; a kept
+    # bit that plain hashing would flip lies inside the band
+    proj = torch.einsum("bd,mkd->bmk", q.normalise(moved), q.hyperplanes)
+    band = 0.2 * proj.std(0, keepdim=True)
+    bit = lambda c: (c[:, :, None] & q.weights).ne(0)  # noqa: E731
+    flipped = bit(sticky) != bit(hashed)
+    assert (proj.abs()[flipped] > band.expand_as(proj)[flipped]).all()
+    held = (bit(q.codes(moved)) != bit(hashed)) & ~flipped
+    assert held.any() and (proj.abs()[held] <= band.expand_as(proj)[held]).all()
+    with pytest.raises(TTDSError, match="refresh_margin"):
+        q.sticky_codes(x, hashed, 1.0)
+
+
 @pytest.mark.parametrize("softmax", ["vocab", "sid"])
 def test_response_loss_scores_only_the_labelled_positions(tiny_lm, softmax):
     """The loss of `finetune.response_loss` (logits only where a label is) equals cross-

@@ -100,7 +100,7 @@ def report(out: str = typer.Option("docs/results.md", help="markdown file to wri
 @app.command()
 def grid(variant: Optional[list[str]] = typer.Option(None, help="variant to run (repeatable; default: all)"),
          dry_run: bool = typer.Option(False, "--dry-run", help="print the dvc commands, run nothing"),
-         force: bool = typer.Option(False, "--force", help="overwrite experiments of the same name"),
+         force: bool = typer.Option(False, "--force", help="re-run every stage and overwrite experiments of the same name (dvc exp run --force)"),
          queue: bool = typer.Option(False, "--queue", help="queue them (runs in copies of the repo: data must "
                                     "be inside it or at an absolute path) instead of one by one in the workspace")
          ) -> None:

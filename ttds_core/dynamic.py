@@ -334,8 +334,10 @@ def refresh_tower(model, tokenizer, quantizer, texts: list[str], old: pd.DataFra
                   embed_kwargs: dict, margin: float = 0.0) -> tuple[np.ndarray, pd.DataFrame, dict]:
     """Re-embed `texts` with the current LLM, re-quantise, re-resolve collisions.
 
-    `margin` > 0 (RQ tokenizers) keeps an entity's code at a level unless the nearest
-    code is closer by that relative margin (`RQVAE.sticky_codes`). Returns (new X, new
+    `margin` > 0 keeps an entity's code at a level unless the nearest code is closer by
+    that relative margin (`RQVAE.sticky_codes`), or an LSH bit unless its projection
+    crossed the hyperplane by that many standard deviations (`LSHQuantizer.sticky_codes`);
+    random codes never change. Returns (new X, new
     table, churn record: `churn` = share of entities whose SID changed, `churn_level_m`
     = share whose first m codes changed). A collision set larger than `index.max_suffix`
     cannot be written with the reserved tokens: the old table is kept (with a warning)

@@ -281,11 +281,34 @@ class LSHQuantizer(_Standardise):
         self.register_buffer("hyperplanes", torch.randn(length, bits, in_dim, generator=gen))
         self.register_buffer("weights", 2 ** torch.arange(bits))
 
-    @torch.no_grad()
-    def codes(self, x, ids=None) -> torch.Tensor:
+    def _projections(self, x) -> torch.Tensor:
         x = _as_tensor(x, self.input_mean)
         _check_dim(x, self.in_dim)
-        bits = torch.einsum("bd,mkd->bmk", self.normalise(x), self.hyperplanes) > 0
+        return torch.einsum("bd,mkd->bmk", self.normalise(x), self.hyperplanes)
+
+    @torch.no_grad()
+    def codes(self, x, ids=None) -> torch.Tensor:
+        return ((self._projections(x) > 0).long() * self.weights).sum(-1)
+
+    @torch.no_grad()
+    def sticky_codes(self, x, previous, margin: float) -> torch.Tensor:
+        """Codes [B, M] that keep each `previous` sign bit unless its projection now lies
+        on the other side of the hyperplane by more than `margin` standard deviations of
+        that projection over the rows (hysteresis, index.refresh_margin; margin 0 is plain
+        hashing). The LSH counterpart of `RQVAE.sticky_codes`: without it a refresh on the
+        fine-tuned backbone re-labels nearly every SID (TT-DLSH, README).
+        """
+        if not 0.0 <= margin < 1.0:
+            raise TTDSError(f"params: 'index.refresh_margin' = {margin!r}, expected 0 <= margin < 1")
+        if margin == 0.0:
+            return self.codes(x)
+        proj = self._projections(x)
+        previous = torch.as_tensor(np.asarray(previous), dtype=torch.long, device=proj.device)
+        if previous.shape != (len(proj), self.length):
+            raise TTDSError(f"previous codes of shape {tuple(previous.shape)}, expected ({len(proj)}, {self.length})")
+        old = (previous[:, :, None] & self.weights).ne(0)
+        band = margin * proj.std(0, keepdim=True) if len(proj) > 1 else torch.zeros_like(proj[:1])
+        bits = torch.where(proj.abs() > band, proj > 0, old)
         return (bits.long() * self.weights).sum(-1)
 
 
