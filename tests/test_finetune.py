@@ -266,3 +266,15 @@ def test_lsh_and_random_index_train_save_and_load(tmp_path, monkeypatch, kind, d
     assert torch.equal(rows["input"], rows["output"])
     rec = load_recommender(params, device="cpu")
     assert rec.item_sids["sid"].is_unique and len(rec.item_sids) == len(read_parquet("data/processed/items.parquet"))
+
+
+def test_saved_tensors_are_byte_identical_across_processes(tmp_path):
+    """safetensors orders its metadata map at random per process: two metadata keys must
+    not make the same weights hash differently under DVC."""
+    code = ("import sys, torch; from ttds_core.io import save_tensors; "
+            "save_tensors(sys.argv[1], {'a': torch.arange(6.0), 'b': torch.ones(2)}, "
+            "metadata={'first_id': 7, 'n_rows': 2, 'kind': 'x'})")
+    paths = [tmp_path / f"t{i}.safetensors" for i in range(4)]
+    for p in paths:
+        subprocess.run([sys.executable, "-c", code, str(p)], check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert len({p.read_bytes() for p in paths}) == 1

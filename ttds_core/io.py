@@ -109,7 +109,17 @@ def save_tensors(path: str | Path, tensors: dict, metadata: dict | None = None) 
     # output SID rows), and a view of a bigger tensor would otherwise be saved with it.
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
     with atomic_path(path, ".safetensors") as tmp:
-        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
+        save_file(tensors, str(tmp), metadata=_deterministic_metadata(metadata))
+
+
+def _deterministic_metadata(metadata: dict | None) -> dict:
+    """safetensors writes its metadata map in a random order per process, so two keys make
+    two runs' files differ byte for byte (and DVC hashes with them): several keys are
+    written as one sorted JSON entry, `json`."""
+    metadata = {k: str(v) for k, v in (metadata or {}).items()}
+    if len(metadata) > 1:
+        return {"json": json.dumps(metadata, sort_keys=True)}
+    return metadata
 
 
 def load_tensors(path: str | Path) -> dict:
