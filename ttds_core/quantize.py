@@ -181,12 +181,8 @@ class RQVAE(_Standardise):
         detail; without hysteresis a small move of the backbone re-labels most SIDs
         although the coarse codes barely move (README, "Dynamic index").
         """
-        if not 0.0 <= margin < 1.0:
-            raise TTDSError(f"params: 'index.refresh_margin' = {margin!r}, expected 0 <= margin < 1")
         x = _as_tensor(x, self.input_mean)
-        previous = torch.as_tensor(np.asarray(previous), dtype=torch.long, device=x.device)
-        if previous.shape != (len(x), self.length):
-            raise TTDSError(f"previous codes of shape {tuple(previous.shape)}, expected ({len(x)}, {self.length})")
+        previous = _previous_codes(previous, margin, len(x), self.length, x.device)
         residual, out = self.encode(x), []
         for m in range(self.length):
             book = self.codebooks[m]
@@ -260,6 +256,16 @@ class RQVAE(_Standardise):
         return moved
 
 
+def _previous_codes(previous, margin: float, rows: int, length: int, device) -> torch.Tensor:
+    """The checked `previous` codes [rows, length] of a `sticky_codes` call."""
+    if not 0.0 <= margin < 1.0:
+        raise TTDSError(f"params: 'index.refresh_margin' = {margin!r}, expected 0 <= margin < 1")
+    previous = torch.as_tensor(np.asarray(previous), dtype=torch.long, device=device)
+    if previous.shape != (rows, length):
+        raise TTDSError(f"previous codes of shape {tuple(previous.shape)}, expected ({rows}, {length})")
+    return previous
+
+
 def _is_power_of_two(n: int) -> bool:
     return n >= 2 and n & (n - 1) == 0
 
@@ -298,17 +304,13 @@ class LSHQuantizer(_Standardise):
         hashing). The LSH counterpart of `RQVAE.sticky_codes`: without it a refresh on the
         fine-tuned backbone re-labels nearly every SID (TT-DLSH, README).
         """
-        if not 0.0 <= margin < 1.0:
-            raise TTDSError(f"params: 'index.refresh_margin' = {margin!r}, expected 0 <= margin < 1")
-        if margin == 0.0:
-            return self.codes(x)
         proj = self._projections(x)
-        previous = torch.as_tensor(np.asarray(previous), dtype=torch.long, device=proj.device)
-        if previous.shape != (len(proj), self.length):
-            raise TTDSError(f"previous codes of shape {tuple(previous.shape)}, expected ({len(proj)}, {self.length})")
-        old = (previous[:, :, None] & self.weights).ne(0)
-        band = margin * proj.std(0, keepdim=True) if len(proj) > 1 else torch.zeros_like(proj[:1])
-        bits = torch.where(proj.abs() > band, proj > 0, old)
+        previous = _previous_codes(previous, margin, len(proj), self.length, proj.device)
+        bits = proj > 0
+        if margin > 0.0:
+            old = (previous[:, :, None] & self.weights).ne(0)
+            band = margin * proj.std(0, keepdim=True) if len(proj) > 1 else torch.zeros_like(proj[:1])
+            bits = torch.where(proj.abs() > band, bits, old)
         return (bits.long() * self.weights).sum(-1)
 
 
