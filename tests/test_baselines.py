@@ -199,3 +199,45 @@ def test_time_budget_stops_after_the_epoch_that_crosses_it(tmp_path):
     processed, _ = _write_split(tmp_path, users=40)
     metrics = _run(tmp_path, processed, "gru4rec", _params(epochs=5, max_minutes=0))
     assert metrics["epochs"] == 1 and metrics["best_epoch"] == 1
+
+
+def _train_sasrec(processed, checkpoint=None, **overrides):
+    from ttds_core.baselines import MODELS
+    from ttds_core.baselines.loop import train
+    from ttds_core.config import seed_everything
+
+    params = _params(**overrides)
+    cfg = model_config(params, "sasrec")
+    split = load_split(processed)
+    seed_everything(cfg["seed"])
+    model = MODELS["sasrec"](split.n_items, cfg["max_history"], cfg)
+    info = train(model, split, cfg, torch.device("cpu"), select_masked=False, checkpoint=checkpoint)
+    return model.state_dict(), info
+
+
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
+    processed, _ = _write_split(tmp_path, users=60)
+    ckpt = tmp_path / "ckpt"
+    straight, info = _train_sasrec(processed, epochs=4, patience=10)
+    _train_sasrec(processed, ckpt, epochs=2, patience=10)  # "killed" after epoch 2
+    assert (ckpt / "state.json").exists()
+    resumed, info_resumed = _train_sasrec(processed, ckpt, epochs=4, patience=10)
+    assert info_resumed == info and len(info["history"]) == 4
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_checkpoint_of_other_params_is_not_resumed(tmp_path, capsys):
+    processed, _ = _write_split(tmp_path, users=60)
+    ckpt = tmp_path / "ckpt"
+    _train_sasrec(processed, ckpt, epochs=2, patience=10)
+    fresh, info = _train_sasrec(processed, epochs=2, patience=10, lr=5e-3)
+    other, info_other = _train_sasrec(processed, ckpt, epochs=2, patience=10, lr=5e-3)
+    assert "starting fresh" in capsys.readouterr().err
+    assert info_other == info and all(torch.equal(fresh[k], other[k]) for k in fresh)
+
+
+def test_run_removes_its_checkpoint_once_outputs_are_written(tmp_path):
+    processed, _ = _write_split(tmp_path, users=40)
+    _run(tmp_path, processed, "gru4rec", _params(epochs=2))
+    assert (tmp_path / "out" / "gru4rec" / "ranks.parquet").exists()
+    assert not (tmp_path / "out" / "checkpoints").exists()

@@ -5,11 +5,15 @@
 validation and test targets over the full item set (unmasked and history-masked) and
 writes `metrics/baselines/<name>.json` (the `metrics/eval.json` format) and
 `data/baselines/<name>/ranks.parquet` (the `data/eval/ranks.parquet` format).
+While it trains, `data/baselines/checkpoints/<name>` holds the state after the last
+epoch, so a killed run started again goes on from there; it is removed once the
+outputs are written.
 Hyper-parameters come from `baselines.*`, overridable per model as `baselines.<name>.*`.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -65,7 +69,10 @@ def pick_device(choice: str) -> torch.device:
 
 def run(params: dict, name: str, processed_dir: str | Path = "data/processed",
         metrics_dir: str | Path = "metrics/baselines", out_dir: str | Path = "data/baselines") -> dict:
-    """Train and evaluate baseline `name`; write its metrics and per-user ranks."""
+    """Train and evaluate baseline `name`; write its metrics and per-user ranks.
+
+    Training checkpoints go to `<out_dir>/checkpoints/<name>` until the outputs are written.
+    """
     cfg = model_config(params, name)
     select_masked = get(params, "eval.mask_history", bool, default=False)
     threads = get(params, "baselines.threads", int, default=None, min_value=1)
@@ -74,12 +81,16 @@ def run(params: dict, name: str, processed_dir: str | Path = "data/processed",
     split = load_split(processed_dir)
     seed_everything(cfg["seed"])
     model = MODELS[name](split.n_items, cfg["max_history"], cfg)
+    checkpoint = Path(out_dir) / "checkpoints" / name
     metrics, ranks, history = fit_and_evaluate(model, split, cfg, pick_device(cfg["device"]),
-                                               select_masked=select_masked)
+                                               select_masked=select_masked, checkpoint=checkpoint)
     with atomic_dir(Path(out_dir) / name) as tmp:
         write_parquet(tmp / "ranks.parquet", ranks)
         write_json(tmp / "history.json", {
             "selected_on": "valid_masked NDCG@10" if select_masked else "valid NDCG@10",
             "config": cfg, "epochs": history})
     write_json(Path(metrics_dir) / f"{name}.json", metrics)
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    if checkpoint.parent.is_dir() and not any(checkpoint.parent.iterdir()):
+        checkpoint.parent.rmdir()
     return metrics

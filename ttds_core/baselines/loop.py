@@ -11,14 +11,18 @@ never removed, even if it also occurs in the history.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 from tqdm import tqdm
 
+from ..io import atomic_dir, load_tensors, read_json, save_tensors, write_json
 from ..metrics import metric_table, ndcg
 from .data import Split, pad_inputs, rank_frame, training_windows
 
@@ -57,21 +61,82 @@ def evaluate(model, split: Split, which: str, max_history: int, batch_size: int,
     return {m: torch.cat(r).numpy() for m, r in out.items() if r}
 
 
-def train(model, split: Split, cfg: dict, device, select_masked: bool, log=sys.stderr) -> dict:
+# Keys that may change between a killed run and its resumption: they bound how long
+# training goes on, not what one epoch computes.
+_NOT_RESUME_KEYS = ("epochs", "max_minutes")
+
+
+def _fingerprint(model, cfg: dict, windows: torch.Tensor) -> str:
+    """What a checkpoint must match to be resumed: model class, config and training data."""
+    picked = {k: v for k, v in cfg.items() if k not in _NOT_RESUME_KEYS}
+    digest = hashlib.sha256(json.dumps([type(model).__name__, picked], sort_keys=True, default=str).encode())
+    digest.update(windows.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _save_checkpoint(path: Path, model, optimizer, generator, best_state, progress: dict) -> None:
+    """Everything `train` needs to go on after the epoch just finished, written atomically."""
+    with atomic_dir(path) as tmp:
+        save_tensors(tmp / "model.safetensors", model.state_dict())
+        save_tensors(tmp / "best.safetensors", best_state)
+        torch.save(optimizer.state_dict(), tmp / "optim.pt")
+        rng = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        save_tensors(tmp / "rng.safetensors", rng)
+        write_json(tmp / "state.json", progress)
+
+
+def _load_checkpoint(path: Path, model, optimizer, generator, fingerprint: str, log):
+    """(progress, best_state) from a compatible checkpoint at `path`, else None (start fresh)."""
+    if not (path / "state.json").exists():
+        return None
+    progress = read_json(path / "state.json")
+    if progress.get("fingerprint") != fingerprint:
+        print(f"warning: {path} was made with other params or data; starting fresh", file=log, flush=True)
+        return None
+    model.load_state_dict(load_tensors(path / "model.safetensors"))
+    optimizer.load_state_dict(torch.load(path / "optim.pt", weights_only=True))
+    rng = load_tensors(path / "rng.safetensors")
+    generator.set_state(rng["generator"])
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    print(f"resuming from {path} after epoch {progress['epoch']}", file=log, flush=True)
+    return progress, load_tensors(path / "best.safetensors")
+
+
+def train(model, split: Split, cfg: dict, device, select_masked: bool, log=None,
+          checkpoint: str | Path | None = None) -> dict:
     """Adam on next-item CE, early stopping on validation NDCG@10, best weights restored.
 
     `max_minutes` (optional) ends training after the epoch that crosses the budget; the
     metrics file records the epochs actually run, so a rerun with `epochs` set to that
     number reproduces the result without depending on machine speed.
 
+    `checkpoint` (a folder) is rewritten after every epoch; a run started again with the
+    same config and data goes on from it and ends with the same weights as one that was
+    never interrupted (`epochs` and `max_minutes` may differ, so a finished run can also
+    be extended).
+
     Returns {"epochs": run, "best_epoch": .., "history": [...]} for the metrics file.
     """
+    log = log or sys.stderr  # looked up per call, so redirected stderr is honoured
     windows = torch.from_numpy(training_windows(split.train_sequences(), cfg["max_history"]))
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     generator = torch.Generator().manual_seed(cfg["seed"])
-    best, best_state, best_epoch, bad, history = -1.0, None, 0, 0, []
+    progress = {"fingerprint": _fingerprint(model, cfg, windows), "epoch": 0, "best": -1.0,
+                "best_epoch": 0, "bad": 0, "stopped": False, "history": []}
+    best_state = None
+    if checkpoint is not None:
+        checkpoint = Path(checkpoint)
+        resumed = _load_checkpoint(checkpoint, model, optimizer, generator, progress["fingerprint"], log)
+        if resumed is not None:
+            progress, best_state = resumed
     deadline = None if cfg.get("max_minutes") is None else time.perf_counter() + 60 * cfg["max_minutes"]
-    for epoch in range(1, cfg["epochs"] + 1):
+    epoch = progress["epoch"]
+    while not progress["stopped"] and epoch < cfg["epochs"]:
+        epoch += 1
         model.train()
         order = torch.randperm(len(windows), generator=generator)
         total, batches = 0.0, 0
@@ -85,31 +150,36 @@ def train(model, split: Split, cfg: dict, device, select_masked: bool, log=sys.s
         ranks = evaluate(model, split, "valid", cfg["max_history"], cfg["eval_batch_size"], device,
                          masked_too=select_masked)
         score = ndcg(ranks[select_masked], 10)
-        history.append({"epoch": epoch, "loss": total / batches, "valid_NDCG@10": score})
+        progress["history"].append({"epoch": epoch, "loss": total / batches, "valid_NDCG@10": score})
         print(f"epoch {epoch}: loss {total / batches:.4f}  valid NDCG@10 {score:.4f}", file=log, flush=True)
-        if score > best:
-            best, best_epoch, bad = score, epoch, 0
+        progress["epoch"] = epoch
+        if score > progress["best"]:
+            progress.update(best=score, best_epoch=epoch, bad=0)
             best_state = copy.deepcopy(model.state_dict())
         else:
-            bad += 1
-            if bad >= cfg["patience"]:
-                break
-        if deadline is not None and time.perf_counter() > deadline:
+            progress["bad"] += 1
+            progress["stopped"] = progress["bad"] >= cfg["patience"]
+        if not progress["stopped"] and deadline is not None and time.perf_counter() > deadline:
             print(f"stopping after epoch {epoch}: baselines.max_minutes reached", file=log, flush=True)
-            break
+            progress["stopped"] = True
+        if checkpoint is not None:
+            _save_checkpoint(checkpoint, model, optimizer, generator, best_state, progress)
     model.load_state_dict(best_state)
-    return {"epochs": len(history), "best_epoch": best_epoch, "history": history}
+    return {"epochs": progress["epoch"], "best_epoch": progress["best_epoch"], "history": progress["history"]}
 
 
-def fit_and_evaluate(model, split: Split, cfg: dict, device, select_masked: bool = False):
+def fit_and_evaluate(model, split: Split, cfg: dict, device, select_masked: bool = False,
+                     checkpoint: str | Path | None = None):
     """Train (or fit, for models without parameters), then rank validation and test targets.
+
+    `checkpoint`: see `train`; models without parameters have nothing to checkpoint.
 
     Returns (metrics dict in the `metrics/eval.json` format, ranks DataFrame, history).
     """
     start = time.perf_counter()
     model.to(device)
     if any(p.requires_grad for p in model.parameters()):
-        info = train(model, split, cfg, device, select_masked)
+        info = train(model, split, cfg, device, select_masked, checkpoint=checkpoint)
     else:
         model.fit(split.train_sequences())
         info = {"epochs": 0, "best_epoch": 0, "history": []}
