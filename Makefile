@@ -6,7 +6,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install repro test bench
+.PHONY: install repro test
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	python3 -m venv $(VENV)
@@ -26,5 +26,3 @@ repro: install
 test: install
 	$(PY) -m pytest
 
-bench: install
-	$(PY) -m bench.run_all

@@ -10,7 +10,7 @@ import pytest
 
 from ttds_core.errors import TTDSError
 from ttds_core.report import (ablation_significance, experiments_of_revs, paired_test, parse_exp_show,
-                               report_cli)
+                               provenance_section, report_cli)
 
 
 def _metrics(scale: float, users: int = 50) -> dict:
@@ -207,3 +207,12 @@ def test_grid_commands_match_the_variants_table(capsys, monkeypatch):
     grid_cli(["TTSS"], dry_run=True, queue=True)
     assert capsys.readouterr().out.splitlines()[:2] == ["dvc exp run --queue --name ttss -S index.dynamic=false",
                                                        "dvc exp run --run-all"]
+
+
+def test_provenance_names_the_commit_each_row_reads():
+    runs = {"TTDS": {**_metrics(1.0), "seconds": 690.7}, "TTDS-HO": {**_metrics(1.1), "seconds": 705.0}}
+    text = provenance_section({"sasrec": {**_metrics(0.9), "epochs": 13, "best_epoch": 8, "seconds": 32.3}},
+                              runs, {"TTDS": "f355cdf0123", "TTDS-HO": "abcdef9876"})
+    assert "| TTDS | `make repro` (i.e. `dvc repro`) | `f355cdf` | — | 691 |" in text
+    assert "| TTDS-HO | `scripts/grid.sh --variant TTDS-HO` | `abcdef9` | — | 705 |" in text
+    assert "| working tree | 13 (8) | 32 |" in text

@@ -516,30 +516,40 @@ def bar_chart(path: Path, baselines: dict, runs: dict) -> None:
 
 # ---------------------------------------------------------------- entry point
 
-def provenance_section(baselines: dict, runs: dict) -> str:
-    """How each number above was produced: the command and the seconds its metrics record
-    (training + evaluation for a baseline, evaluation only for a TTDS run)."""
+def provenance_section(baselines: dict, runs: dict, run_revs: dict | None = None) -> str:
+    """How each number above was produced: the command, the commit whose metrics file the
+    row reads (experiments and the TTDS row of `--rev` reports come from older commits) and
+    the seconds that file records (training + evaluation for a baseline, evaluation only
+    for a TTDS run)."""
+    run_revs = run_revs or {}
+
     def seconds(m: dict) -> str:
         return f"{m['seconds']:.0f}" if isinstance(m.get("seconds"), (int, float)) else "—"
+
+    def source(name: str) -> str:
+        rev = run_revs.get(name)
+        return "working tree" if rev in (None, "workspace") else f"`{rev[:7]}`"
 
     rows = []
     for key, m in baselines.items():
         epochs = f"{m['epochs']} ({m.get('best_epoch', '?')})" if m.get("epochs") else "—"
-        rows.append([BASELINE_LABELS.get(key, key), "`dvc repro baseline` (stage `baseline@<name>`)", epochs,
-                     seconds(m)])
+        rows.append([BASELINE_LABELS.get(key, key), "`dvc repro baseline` (stage `baseline@<name>`)",
+                     "working tree", epochs, seconds(m)])
     for name, m in runs.items():
         if name not in VARIANTS:  # `workspace` / branch rows repeat the TTDS one
             continue
         cmd = "`make repro` (i.e. `dvc repro`)" if name == "TTDS" else f"`scripts/grid.sh --variant {name}`"
-        rows.append([name, cmd, "—", seconds(m)])
-    table = _markdown(["run", "command", "epochs (best)", "seconds recorded"], rows)
+        rows.append([name, cmd, source(name), "—", seconds(m)])
+    table = _markdown(["run", "command", "metrics from", "epochs (best)", "seconds recorded"], rows)
     return (table + "\n\nSeconds are what each run's metrics file records: training and evaluation for a "
             "baseline, the `evaluate` stage for a TTDS run (its fine-tuning time is in "
-            "`metrics/finetune.json`). The machine and the stage times of the CPU default are in the "
-            "README (\"Results\").")
+            "`metrics/finetune.json`). \"metrics from\" is the commit (or experiment) whose metrics "
+            "file the row reads; re-runs of the same code record other seconds. The machine and the "
+            "stage times of the CPU default are in the README (\"Results\").")
 
 
-def render(params: dict, baselines: dict, runs: dict, significance: str, ablations: str = "") -> str:
+def render(params: dict, baselines: dict, runs: dict, significance: str, ablations: str = "",
+           run_revs: dict | None = None) -> str:
     dataset = get(params, "data.name", str, default="?")
     paper_dataset = dataset if dataset in PAPER_TABLE1 else "Instruments"
     users = next((m.get("users") for m in [*baselines.values(), *runs.values()] if m.get("users")), None)
@@ -565,7 +575,7 @@ def render(params: dict, baselines: dict, runs: dict, significance: str, ablatio
     if ablations:
         parts += ["## Significance: each variant vs TTDS (per-user)", "", ablations, ""]
     parts += ["![HR@10 and NDCG@10](results.png)", "",
-              "## How these numbers were produced", "", provenance_section(baselines, runs), "",
+              "## How these numbers were produced", "", provenance_section(baselines, runs, run_revs), "",
               "Regenerate: `ttds report` (experiments from `dvc exp show --json`; "
               "`--experiments runs.json` takes a `{name: metrics}` file or saved `dvc exp show --json` "
               "output instead; `--rev <commit>`, repeatable, takes the experiments of those baseline "
@@ -588,7 +598,7 @@ def report_cli(params: dict, out: str, experiments: str | None = None, revs: lis
     baselines = align_users(baselines, Path(eval_ranks), Path(baseline_dir))
     significance = significance_section(baselines, Path(eval_ranks), Path(baseline_dir))
     ablations = ablation_significance(run_revs, lambda rev: ranks_at(rev, Path(eval_ranks)))
-    text = render(params, baselines, runs, significance, ablations).replace("(results.png)", f"({out.stem}.png)")
+    text = render(params, baselines, runs, significance, ablations, run_revs).replace("(results.png)", f"({out.stem}.png)")
     bar_chart(out.with_suffix(".png"), baselines, runs)
     with atomic_path(out, ".md") as tmp:
         tmp.write_text(text)

@@ -6,10 +6,11 @@ validation and test items included: they are the past by now), cut to the last
 the user's own items are excluded from their trie, so nothing they already have is
 recommended. Scores are the model's SID log-probabilities (`eval.scoring`).
 
-`precompute` ranks every user once and writes `data/serving/topk.parquet` (user_id,
-items, scores) and `data/serving/meta.json` with a fingerprint of everything the lists
-depend on (model files, backbone config, sequences, serving params). `recommend`
-answers from the cache when the fingerprint matches, else runs the model and says so.
+`precompute` ranks every user once (a seeded `serve.max_users` of them when set) and
+writes `data/serving/topk.parquet` (user_id, items, scores) and `data/serving/meta.json`
+with a fingerprint of everything the lists depend on (model files, backbone config,
+sequences, serving params). `recommend` answers from the cache when the fingerprint
+matches, else runs the model and says so.
 """
 
 from __future__ import annotations
