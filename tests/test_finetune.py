@@ -278,3 +278,22 @@ def test_saved_tensors_are_byte_identical_across_processes(tmp_path):
     for p in paths:
         subprocess.run([sys.executable, "-c", code, str(p)], check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert len({p.read_bytes() for p in paths}) == 1
+
+
+def test_train_seed_varies_training_but_not_the_validation_users(project, monkeypatch):
+    val_seeds = []
+    real_val = finetune.tasks.validation_samples
+
+    def recording_val(sequences, n, seed):
+        val_seeds.append(seed)
+        return real_val(sequences, n, seed)
+
+    monkeypatch.setattr(finetune.tasks, "validation_samples", recording_val)
+    outputs = {}
+    for name, seed in (("default", None), ("same", 42), ("other", 7)):
+        finetune.run(toy_params(**{"seed": 42, "train.seed": seed, "train.max_steps": 4}))
+        outputs[name] = _outputs()
+    assert val_seeds == [42, 42, 42]
+    for key in ("rows", "items"):
+        assert np.array_equal(np.asarray(outputs["default"][key]), np.asarray(outputs["same"][key]))
+    assert not torch.equal(outputs["default"]["rows"], outputs["other"]["rows"])

@@ -63,7 +63,8 @@ TOWER_FILES = {"item": ("items", "item_id"), "user": ("users", "user_id")}
 
 @dataclass
 class TrainConfig:
-    seed: int
+    seed: int          # fine-tuning randomness: train.seed, else the global seed
+    data_seed: int     # the global seed: which users validate (the same for every train.seed)
     towers: list[str]
     dynamic: bool
     kind: str
@@ -100,8 +101,10 @@ class TrainConfig:
     @classmethod
     def from_params(cls, params: dict) -> "TrainConfig":
         user = get(params, "tower.user", bool)
+        train_seed = get(params, "train.seed", int, default=None, allow_none=True)
         return cls(
-            seed=get(params, "seed", int),
+            seed=train_seed if train_seed is not None else get(params, "seed", int),
+            data_seed=get(params, "seed", int),
             towers=["item", "user"] if user else ["item"],
             dynamic=get(params, "index.dynamic", bool),
             kind=get(params, "index.kind", str, choices=("rq", "lsh", "random")),
@@ -603,7 +606,7 @@ def run(params: dict, data_dir: str | Path = "data", metrics_dir: str | Path = "
     data = tasks.build_task_data(sequences, items, interactions, max_history,
                                  get(params, "tasks.max_next_user", int, min_value=1), cfg.packed)
     samples = tasks.build_samples(data, weights, cfg.seed)
-    val = tasks.validation_samples(sequences, cfg.val_users, cfg.seed)
+    val = tasks.validation_samples(sequences, cfg.val_users, cfg.data_seed)
 
     tokenizers = load_tokenizers(data_dir, cfg.towers, x, cfg, get(params, "index.length", int),
                                  get(params, "index.codebook_size", int))
