@@ -222,6 +222,7 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
     _train_sasrec(processed, ckpt, epochs=2, patience=10)  # "killed" after epoch 2
     assert (ckpt / "state.json").exists()
     resumed, info_resumed = _train_sasrec(processed, ckpt, epochs=4, patience=10)
+    assert info_resumed.pop("earlier_seconds") > 0 and info.pop("earlier_seconds") == 0
     assert info_resumed == info and len(info["history"]) == 4
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 

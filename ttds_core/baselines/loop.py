@@ -119,21 +119,23 @@ def train(model, split: Split, cfg: dict, device, select_masked: bool, log=None,
     never interrupted (`epochs` and `max_minutes` may differ, so a finished run can also
     be extended).
 
-    Returns {"epochs": run, "best_epoch": .., "history": [...]} for the metrics file.
+    Returns {"epochs": run, "best_epoch": .., "history": [...], "earlier_seconds": training
+    time spent before a resume} for the metrics file.
     """
     log = log or sys.stderr  # looked up per call, so redirected stderr is honoured
     windows = torch.from_numpy(training_windows(split.train_sequences(), cfg["max_history"]))
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     generator = torch.Generator().manual_seed(cfg["seed"])
     progress = {"fingerprint": _fingerprint(model, cfg, windows), "epoch": 0, "best": -1.0,
-                "best_epoch": 0, "bad": 0, "stopped": False, "history": []}
+                "best_epoch": 0, "bad": 0, "stopped": False, "history": [], "seconds": 0.0}
     best_state = None
     if checkpoint is not None:
         checkpoint = Path(checkpoint)
         resumed = _load_checkpoint(checkpoint, model, optimizer, generator, progress["fingerprint"], log)
         if resumed is not None:
             progress, best_state = resumed
-    deadline = None if cfg.get("max_minutes") is None else time.perf_counter() + 60 * cfg["max_minutes"]
+    started, earlier = time.perf_counter(), progress.get("seconds", 0.0)
+    deadline = None if cfg.get("max_minutes") is None else started + 60 * cfg["max_minutes"]
     epoch = progress["epoch"]
     while not progress["stopped"] and epoch < cfg["epochs"]:
         epoch += 1
@@ -152,7 +154,7 @@ def train(model, split: Split, cfg: dict, device, select_masked: bool, log=None,
         score = ndcg(ranks[select_masked], 10)
         progress["history"].append({"epoch": epoch, "loss": total / batches, "valid_NDCG@10": score})
         print(f"epoch {epoch}: loss {total / batches:.4f}  valid NDCG@10 {score:.4f}", file=log, flush=True)
-        progress["epoch"] = epoch
+        progress["epoch"], progress["seconds"] = epoch, earlier + time.perf_counter() - started
         if score > progress["best"]:
             progress.update(best=score, best_epoch=epoch, bad=0)
             best_state = copy.deepcopy(model.state_dict())
@@ -165,7 +167,8 @@ def train(model, split: Split, cfg: dict, device, select_masked: bool, log=None,
         if checkpoint is not None:
             _save_checkpoint(checkpoint, model, optimizer, generator, best_state, progress)
     model.load_state_dict(best_state)
-    return {"epochs": progress["epoch"], "best_epoch": progress["best_epoch"], "history": progress["history"]}
+    return {"epochs": progress["epoch"], "best_epoch": progress["best_epoch"], "history": progress["history"],
+            "earlier_seconds": earlier}
 
 
 def fit_and_evaluate(model, split: Split, cfg: dict, device, select_masked: bool = False,
@@ -191,5 +194,6 @@ def fit_and_evaluate(model, split: Split, cfg: dict, device, select_masked: bool
             frames.append(rank_frame(split.user_ids, which, split.targets(which), r, masked))
     metrics = {key: metrics[key] for key in ("test", "valid", "test_masked", "valid_masked")}
     metrics.update(users=len(split.user_ids), items=split.n_items, epochs=info["epochs"],
-                   best_epoch=info["best_epoch"], seconds=round(time.perf_counter() - start, 1))
+                   best_epoch=info["best_epoch"],
+                   seconds=round(time.perf_counter() - start + info.get("earlier_seconds", 0.0), 1))
     return metrics, pd.concat(frames, ignore_index=True), info["history"]
