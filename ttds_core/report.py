@@ -450,7 +450,8 @@ def ranks_at(rev: str, eval_ranks: Path) -> pd.DataFrame:
 def ablation_significance(run_revs: dict[str, str], read_ranks) -> str:
     """Each variant against TTDS, user by user (`paired_test`) on the test split, masked and
     not, and on validation (where the two can disagree), from the ranks each run wrote;
-    `read_ranks(rev)` returns them."""
+    `read_ranks(rev)` returns them. Experiments that are no SPEC variant (another
+    `train.seed`, a param sweep) follow the variants, by name."""
     if "TTDS" not in run_revs:
         return "Not computed: no TTDS run with per-user ranks."
     try:
@@ -458,9 +459,8 @@ def ablation_significance(run_revs: dict[str, str], read_ranks) -> str:
     except TTDSError as exc:
         return f"Not computed: TTDS {exc}"
     rows, unreadable = [], []
-    for name in VARIANTS:
-        if name == "TTDS" or name not in run_revs:
-            continue
+    others = sorted(n for n in run_revs if n not in VARIANTS and n != "workspace")
+    for name in [n for n in VARIANTS if n != "TTDS" and n in run_revs] + others:
         try:
             ranks = read_ranks(run_revs[name])
         except TTDSError as exc:
@@ -476,10 +476,10 @@ def ablation_significance(run_revs: dict[str, str], read_ranks) -> str:
                          f"{t['hit10_ours']:.4f} vs {t['hit10_theirs']:.4f}",
                          f"{t['hits_only_ours']} / {t['hits_only_theirs']}", f"{t['mcnemar_p']:.2g}"])
     if not rows:
-        text = "Not computed: no variant run with per-user ranks."
+        text = "Not computed: no other run with per-user ranks."
     else:
-        text = _markdown(["variant", "split", "users", "NDCG@10 variant vs TTDS", "Wilcoxon p",
-                          "HR@10 variant vs TTDS", "hits only variant / only TTDS", "McNemar p"], rows)
+        text = _markdown(["run", "split", "users", "NDCG@10 run vs TTDS", "Wilcoxon p",
+                          "HR@10 run vs TTDS", "hits only run / only TTDS", "McNemar p"], rows)
         text += ("\n\nOne test per row, no correction for multiple comparisons: with this many rows a "
                  "p below 0.05 can occur by chance.")
     return text + "".join(f"\n\nNot compared: {u}" for u in unreadable)
@@ -573,7 +573,7 @@ def render(params: dict, baselines: dict, runs: dict, significance: str, ablatio
                   ablation_table(TABLE3, baselines, runs, masked)]
     parts += ["", "## Significance: TTDS vs the best baseline (per-user, test)", "", significance, ""]
     if ablations:
-        parts += ["## Significance: each variant vs TTDS (per-user)", "", ablations, ""]
+        parts += ["## Significance: each variant and other experiment vs TTDS (per-user)", "", ablations, ""]
     parts += ["![HR@10 and NDCG@10](results.png)", "",
               "## How these numbers were produced", "", provenance_section(baselines, runs, run_revs), "",
               "Regenerate: `ttds report` (experiments from `dvc exp show --json`; "
