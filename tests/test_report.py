@@ -131,12 +131,13 @@ def test_each_variant_is_tested_against_ttds_user_by_user(workspace):
         return by_rev[rev]
 
     text = ablation_significance({"TTDS": "r-ttds", "TTDS-HO": "r-ho", "TTSS": "r-ttss", "TT-SR": "gone",
-                                  "ttds-tseed1": "r-ttss"}, read)
+                                  "ttds-tseed1": "r-ttss", "r-ho": "r-ho"}, read)
     rows = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in text.splitlines()
             if line.lower().startswith("| tt")}
     # an experiment that is no SPEC variant (another train.seed) is compared too, after the variants
     assert rows[("ttds-tseed1", "test")].rstrip(" |").endswith("| 1")
     assert text.index("| ttds-tseed1 |") > text.index("| TTSS |")
+    assert "| r-ho |" not in text  # an unnamed revision is no experiment of its own
     # TTDS-HO's ranks are much better than these TTDS ranks: a tiny p; TTSS is identical: p = 1
     ho = rows[("TTDS-HO", "test")].split("|")
     assert float(ho[5]) < 1e-3 and float(ho[8]) < 1e-3

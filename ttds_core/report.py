@@ -459,7 +459,8 @@ def ablation_significance(run_revs: dict[str, str], read_ranks) -> str:
     except TTDSError as exc:
         return f"Not computed: TTDS {exc}"
     rows, unreadable = [], []
-    others = sorted(n for n in run_revs if n not in VARIANTS and n != "workspace")
+    # named experiments only: unnamed revisions (commits, the workspace) carry their rev as name
+    others = sorted(n for n, rev in run_revs.items() if n not in VARIANTS and n != rev)
     for name in [n for n in VARIANTS if n != "TTDS" and n in run_revs] + others:
         try:
             ranks = read_ranks(run_revs[name])
