@@ -86,3 +86,32 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def rng_state() -> tuple[dict, dict]:
+    """The global RNG states `seed_everything` seeds, for a checkpoint: (tensors for
+    safetensors: torch, cuda when present; JSON-able lists: numpy, python)."""
+    import numpy as np
+    import torch
+
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return tensors, {"numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+                     "python": [py_state[0], list(py_state[1]), py_state[2]]}
+
+
+def set_rng_state(tensors: dict, js: dict) -> None:
+    """Restore what `rng_state` returned."""
+    import numpy as np
+    import torch
+
+    torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda"])
+    n = js["numpy"]
+    np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), *n[2:]))
+    p = js["python"]
+    random.setstate((p[0], tuple(p[1]), p[2]))

@@ -32,7 +32,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import random
 import resource
 import shutil
 import sys
@@ -48,7 +47,7 @@ from torch import nn
 
 from . import dynamic, tasks
 from .backbone import decoder_of, hf_model
-from .config import get, seed_everything
+from .config import get, rng_state, seed_everything, set_rng_state
 from .errors import TTDSError
 from .io import atomic_dir, load_tensors, read_json, read_npy, read_parquet, save_tensors, write_json, \
     write_npy, write_parquet
@@ -492,32 +491,12 @@ def validate(module: TTDSModule, tokenizer, val: list, index: IndexState, cfg: T
 
 # ---------------------------------------------------------------- checkpoints
 
-def _rng_state() -> tuple[dict, dict]:
-    tensors = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        tensors["cuda"] = torch.cuda.get_rng_state()
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    return tensors, {"numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-                     "python": [py_state[0], list(py_state[1]), py_state[2]]}
-
-
-def _set_rng_state(tensors: dict, js: dict) -> None:
-    torch.set_rng_state(tensors["torch"])
-    if "cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["cuda"])
-    n = js["numpy"]
-    np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), *n[2:]))
-    p = js["python"]
-    random.setstate((p[0], tuple(p[1]), p[2]))
-
-
 def save_checkpoint(path: Path, module: TTDSModule, optimizer, scheduler, index: IndexState, progress: dict,
                     phash: str, history: list) -> None:
     with atomic_dir(path) as tmp:
         save_tensors(tmp / "trainable.safetensors", trainable_state(module))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
-        rng_t, rng_j = _rng_state()
+        rng_t, rng_j = rng_state()
         save_tensors(tmp / "rng.safetensors", rng_t)
         for tower, table in index.tables.items():
             write_parquet(tmp / f"{tower}_sids.parquet", table)
@@ -544,7 +523,7 @@ def load_checkpoint(path: Path, module: TTDSModule, optimizer, scheduler, index:
         index.tables[tower] = read_parquet(path / f"{tower}_sids.parquet")
         index.x[tower] = read_npy(path / f"{tower}_x.npy")
     index.churn = state.get("churn", [])
-    _set_rng_state(load_tensors(path / "rng.safetensors"), state["rng"])
+    set_rng_state(load_tensors(path / "rng.safetensors"), state["rng"])
     return state
 
 

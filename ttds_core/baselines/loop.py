@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from ..config import rng_state, set_rng_state
 from ..io import atomic_dir, load_tensors, read_json, save_tensors, write_json
 from ..metrics import metric_table, ndcg
 from .data import Split, pad_inputs, rank_frame, training_windows
@@ -80,11 +81,9 @@ def _save_checkpoint(path: Path, model, optimizer, generator, best_state, progre
         save_tensors(tmp / "model.safetensors", model.state_dict())
         save_tensors(tmp / "best.safetensors", best_state)
         torch.save(optimizer.state_dict(), tmp / "optim.pt")
-        rng = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state()
-        save_tensors(tmp / "rng.safetensors", rng)
-        write_json(tmp / "state.json", progress)
+        tensors, js = rng_state()
+        save_tensors(tmp / "rng.safetensors", {**tensors, "generator": generator.get_state()})
+        write_json(tmp / "state.json", {**progress, "rng": js})
 
 
 def _load_checkpoint(path: Path, model, optimizer, generator, fingerprint: str, log):
@@ -98,10 +97,8 @@ def _load_checkpoint(path: Path, model, optimizer, generator, fingerprint: str, 
     model.load_state_dict(load_tensors(path / "model.safetensors"))
     optimizer.load_state_dict(torch.load(path / "optim.pt", weights_only=True))
     rng = load_tensors(path / "rng.safetensors")
-    generator.set_state(rng["generator"])
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"])
+    generator.set_state(rng.pop("generator"))
+    set_rng_state(rng, progress.pop("rng"))
     print(f"resuming from {path} after epoch {progress['epoch']}", file=log, flush=True)
     return progress, load_tensors(path / "best.safetensors")
 
