@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from test_decode import CODEBOOK, LENGTH, SUFFIXES, exhaustive, sid_table
+from test_ranker import CODEBOOK, LENGTH, SUFFIXES, exhaustive, sid_table
 from ttds_core import evaluate as ev
 from ttds_core.errors import TTDSError
 from ttds_core.metrics import metric_table

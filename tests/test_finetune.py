@@ -97,8 +97,8 @@ def test_saved_recommender_reproduces_the_training_model(project, softmax, scori
     """The validation measured inside training (SID rows in wrappers, LoRA unmerged) equals
     what `load_recommender`'s plain merged model gives on the same users: the teacher-
     forced loss, and HR@10 / NDCG@10 of the constrained beam search."""
-    from ttds_core.decode import ConstrainedRanker, build_item_trie
-    from ttds_core.evaluate import Case, PromptBuilder, rank_cases, target_ranks
+    from ttds_core.evaluate import target_ranks
+    from ttds_core.ranker import Case, PromptBuilder, rank_cases, ranker_for
     from ttds_core.metrics import metric_table
     from ttds_core.tasks import validation_samples
 
@@ -125,8 +125,7 @@ def test_saved_recommender_reproduces_the_training_model(project, softmax, scori
             total += float(torch.nn.functional.cross_entropy(logits, target_ids, reduction="sum"))
             n += len(r)
     assert abs(total / n - best["val_loss"]) < 1e-3
-    trie = build_item_trie(rec.item_sids, rec.tokenizer)
-    ranker = ConstrainedRanker(rec.model, rec.tokenizer, trie, params["eval"]["beams"], scoring)
+    ranker, _ = ranker_for(rec, params["eval"]["beams"], scoring)
     builder = PromptBuilder(rec.tokenizer, rec.item_sids, rec.user_sids, 0, packed)
     cases = [Case(u, "valid", h[-4:], h, t) for u, h, t in val]
     ranks = target_ranks(cases, rank_cases(ranker, builder, cases, 4, modes=(False,)))[False]
@@ -182,20 +181,79 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(toy_root, tmp_path, mon
     assert metrics["resumed_from_step"] == 4
 
 
-def test_checkpoint_of_other_params_is_not_resumed(project, capsys, monkeypatch):
+def _kill_at_first_checkpoint(monkeypatch, params, when=lambda progress: True):
+    """Run finetune until the first checkpoint for which `when(progress)` holds, then die."""
     real_save = finetune.save_checkpoint
 
     def save_then_die(*args, **kwargs):
         real_save(*args, **kwargs)
-        raise KeyboardInterrupt
+        if when(args[5]):
+            raise KeyboardInterrupt("killed after a checkpoint")
 
     monkeypatch.setattr(finetune, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        finetune.run(_dynamic_params())
+        finetune.run(params)
     monkeypatch.setattr(finetune, "save_checkpoint", real_save)
+
+
+def test_checkpoint_of_other_params_is_not_resumed(project, capsys, monkeypatch):
+    _kill_at_first_checkpoint(monkeypatch, _dynamic_params())
     out = finetune.run(_dynamic_params(**{"loss.alpha": 0.5}))
-    assert "other params; starting fresh" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "was made from other params; set aside as data/checkpoints/last.stale, starting fresh" in err
     assert [h["step"] for h in out["history"]] == list(range(1, 9))
+    assert Path("data/checkpoints/last.stale/state.json").exists()  # kept, not deleted
+
+
+@pytest.mark.parametrize("changed", ["data/embeddings", "data/sids", "data/processed"])
+def test_checkpoint_of_other_inputs_is_not_resumed(project, capsys, monkeypatch, changed):
+    """Upstream outputs changed after a kill (new embeddings, new SIDs after a warmup change,
+    other data): the checkpoint was trained on other inputs and must not be resumed."""
+    _kill_at_first_checkpoint(monkeypatch, _dynamic_params())
+    if changed == "data/embeddings":
+        x = np.load("data/embeddings/items.npy")
+        np.save("data/embeddings/items.npy", x + 1e-3)
+    elif changed == "data/sids":
+        table = read_parquet("data/sids/items.parquet")
+        table.iloc[::-1].to_parquet("data/sids/items.parquet", index=False)  # same SIDs, other file
+    else:
+        seqs = read_parquet("data/processed/sequences.parquet")
+        seqs.iloc[::-1].to_parquet("data/processed/sequences.parquet", index=False)
+    out = finetune.run(_dynamic_params())
+    assert f"was made from other {changed}; set aside" in capsys.readouterr().err
+    assert [h["step"] for h in out["history"]] == list(range(1, 9))
+    assert json.loads(Path("metrics/finetune.json").read_text())["resumed_from_step"] is None
+
+
+def test_resume_after_a_best_that_is_never_beaten_saves_that_best(toy_root, tmp_path, monkeypatch):
+    """Killed after the validation whose score is never beaten later: the resumed run must
+    save the model of that best step, byte for byte what an uninterrupted run saves."""
+    params = _dynamic_params(**{"train.max_steps": None, "train.epochs": 3, "train.checkpoint_every": 1})
+    saved = {}
+    for name in ("straight", "killed"):
+        shutil.copytree(toy_root / "data", tmp_path / name / "data")
+        monkeypatch.chdir(tmp_path / name)
+        calls = []
+
+        def falling_validation(*args, **kwargs):  # every later epoch scores worse
+            calls.append(1)
+            score = 1.0 / len(calls)
+            return {"val_HR@10": score, "val_NDCG@10": score, "val_loss": 1.0, "val_sid_acc": 0.0, "val_users": 4}
+
+        monkeypatch.setattr(finetune, "validate", falling_validation)
+        if name == "killed":
+            _kill_at_first_checkpoint(monkeypatch, params, when=lambda progress: progress["best"] is not None)
+            state = json.loads(Path("data/checkpoints/last/state.json").read_text())
+            assert state["best"]["step"] < state["step"]
+        out = finetune.run(params)
+        assert len(out["history"]) > out["best"]["step"]          # the best is not the last step
+        saved[name] = {p.relative_to("data/model"): p.read_bytes()
+                       for p in sorted(Path("data/model").rglob("*")) if p.is_file()}
+        best_step = out["best"]["step"]
+    assert json.loads(Path("metrics/finetune.json").read_text())["resumed_from_step"] is not None
+    assert saved["straight"].keys() == saved["killed"].keys()
+    for path in saved["straight"]:
+        assert saved["straight"][path] == saved["killed"][path], f"{path} differs (best step {best_step})"
 
 
 def test_dynamic_index_tokenizer_trains_and_sids_are_refreshed(project):

@@ -6,7 +6,7 @@ history `items[:-1][-max_history:]` (it includes the validation item, the standa
 protocol). The prompt is `seqrec_prompt(history SIDs, user SID, train.template)`, the
 user SID only when the model has a user tower.
 
-Ranking is over the whole catalogue: trie-constrained beam search (`decode.py`) returns
+Ranking is over the whole catalogue: trie-constrained beam search (`ranker.py`) returns
 the top `eval.beams` distinct items; there is no candidate sampling. Every case is
 ranked twice from one prefill: unmasked, and with the user's history excluded from
 their trie (masked: everything the user did before the target, as the baselines mask).
@@ -28,26 +28,14 @@ import numpy as np
 import pandas as pd
 
 from .config import get, seed_everything
-from .decode import SCORINGS, ConstrainedRanker, build_item_trie
 from .errors import TTDSError
 from .io import atomic_dir, read_parquet, write_json, write_parquet
 from .metrics import metric_table, rank_of
-from .prompts import seqrec_packed, seqrec_prompt
-from .vocab import encode_prompt
+from .prompts import seqrec_packed
+from .ranker import SCORINGS, Case, PromptBuilder, rank_cases, ranker_for
 
 SPLITS = ("valid", "test")
 _TARGET_POS = {"valid": -2, "test": -1}
-
-
-@dataclass
-class Case:
-    """One ranking query: the prompt history, what masking excludes, and the target."""
-
-    user_id: int
-    split: str
-    history: list[int]        # items shown in the prompt (the last max_history)
-    seen: list[int]           # every item before the target: excluded when masking
-    target: int | None        # None when serving (no target)
 
 
 @dataclass
@@ -108,53 +96,6 @@ def eval_cases(sequences: pd.DataFrame, split: str, max_history: int) -> list[Ca
     return cases
 
 
-class PromptBuilder:
-    """Token ids of the seqrec prompt for a user and a history, as training built them."""
-
-    def __init__(self, tokenizer, item_sids: pd.DataFrame, user_sids: pd.DataFrame | None, template: int,
-                 packed: bool = False):
-        self.tokenizer, self.template, self.packed = tokenizer, template, packed
-        self.item_sid = dict(zip(item_sids["item_id"].astype(int), item_sids["sid"].astype(str)))
-        self.user_sid = (dict(zip(user_sids["user_id"].astype(int), user_sids["sid"].astype(str)))
-                         if user_sids is not None and len(user_sids) else None)
-
-    def __call__(self, user_id: int, history: list[int]) -> list[int]:
-        missing = next((i for i in history if i not in self.item_sid), None)
-        if missing is not None:
-            raise TTDSError(f"item {missing} (history of user {user_id}) has no SID in the model's item table")
-        user = None
-        if self.user_sid is not None:
-            user = self.user_sid.get(user_id)
-            if user is None:
-                raise TTDSError(f"user {user_id} has no SID in the model's user table")
-        text = seqrec_prompt([self.item_sid[i] for i in history], user, self.template, self.packed,
-                             self.tokenizer.eos_token)
-        return encode_prompt(self.tokenizer, text)
-
-
-def rank_cases(ranker: ConstrainedRanker, build_prompt: PromptBuilder, cases: list[Case], batch_size: int,
-               modes: tuple[bool, ...] = (False, True), progress: str | None = None
-               ) -> dict[bool, list[list[tuple[int, float]]]]:
-    """Ranked (item, score) lists per case, for each masking mode (False = unmasked).
-
-    Cases are sorted by prompt length so a batch carries little padding; each batch is
-    prefilled once and searched once per mode.
-    """
-    from tqdm.auto import tqdm
-
-    prompts = [build_prompt(c.user_id, c.history) for c in cases]
-    order = sorted(range(len(cases)), key=lambda i: (len(prompts[i]), i))
-    out: dict[bool, list] = {m: [None] * len(cases) for m in modes}
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    for idx in tqdm(batches, desc=progress, unit="batch", disable=progress is None):
-        batch = ranker.encode([prompts[i] for i in idx])
-        for masked in modes:
-            excl = [ranker.trie.exclusion(cases[i].seen) for i in idx] if masked else None
-            for i, ranked in zip(idx, ranker.search(batch, excl)):
-                out[masked][i] = ranked
-    return out
-
-
 def rank_table(cases: list[Case], ranks: dict[bool, list[int | None]]) -> pd.DataFrame:
     """The `ranks.parquet` contract: user_id, split, target, rank (1-based or null), masked."""
     frames = [pd.DataFrame({
@@ -206,25 +147,24 @@ def evaluate(rec, sequences: pd.DataFrame, cfg: EvalSettings, progress: bool = F
     """Rank every selected user's validation and test target; return (metrics, ranks)."""
     start = time.perf_counter()
     users = select_users(sequences, cfg.max_users, cfg.seed)
-    trie = build_item_trie(rec.item_sids, rec.tokenizer, "model item SID table")
-    unknown = next((i for items in users["items"] for i in items if int(i) not in trie.path), None)
+    ranker, tables = ranker_for(rec, cfg.beams, cfg.scoring)
+    unknown = next((i for items in users["items"] for i in items if int(i) not in tables), None)
     if unknown is not None:
         raise TTDSError(f"sequences.parquet: item {unknown} has no SID in the model's item table "
                         "(data/processed and data/model are from different runs?)")
-    ranker = ConstrainedRanker(rec.model, rec.tokenizer, trie, cfg.beams, cfg.scoring)
     builder = PromptBuilder(rec.tokenizer, rec.item_sids, rec.user_sids, cfg.template, cfg.packed)
     cases = [c for split in SPLITS for c in eval_cases(users, split, cfg.max_history)]
     ranked = rank_cases(ranker, builder, cases, cfg.batch_size, progress="evaluate" if progress else None)
     ranks = rank_table(cases, target_ranks(cases, ranked))
     metrics = metrics_of(ranks, cfg.ks)
-    n_items = 1 + max(max(trie.path), max(int(i) for items in sequences["items"] for i in items))
+    n_items = 1 + max(max(tables.sequences), max(int(i) for items in sequences["items"] for i in items))
     metrics["popularity"] = metrics_of(rank_table(cases, popularity_ranks(sequences, cases, n_items)), cfg.ks)
     metrics.update({
         "users": int(len(users)),
         "users_total": int(len(sequences)),
         "user_sample": "all" if cfg.max_users is None or cfg.max_users >= len(sequences)
         else f"seeded sample of {cfg.max_users} (seed {cfg.seed})",
-        "items": len(trie),
+        "items": len(tables),
         "beams": cfg.beams,
         "scoring": cfg.scoring,
         "mask_history": cfg.mask_history,

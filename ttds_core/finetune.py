@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import resource
 import shutil
 import sys
@@ -49,7 +50,7 @@ from . import dynamic, tasks
 from .backbone import decoder_of, hf_model
 from .config import get, rng_state, seed_everything, set_rng_state
 from .errors import TTDSError
-from .io import atomic_dir, load_tensors, read_json, read_npy, read_parquet, save_tensors, write_json, \
+from .io import atomic_dir, hash_files, load_tensors, read_json, read_npy, read_parquet, save_tensors, write_json, \
     write_npy, write_parquet
 from .prompts import seqrec_packed, seqrec_prompt
 from .vocab import encode_prompt, encode_response, extend_vocabulary
@@ -142,6 +143,10 @@ class TrainConfig:
 # Params that change what training computes; a checkpoint made under others is not resumed.
 RESUME_KEYS = ("seed", "model", "index", "tower", "tasks", "loss", "init", "lora", "train", "data.max_history")
 NOT_RESUME_KEYS = ("train.checkpoint_every", "train.threads", "train.max_minutes")
+# Input folders whose content determines training (the upstream stages' outputs): a checkpoint
+# made from other files (other data, other SIDs after a warmup change...) is not resumed.
+INPUT_DIRS = {"data/processed": "processed", "data/embeddings": "embeddings", "data/tokenizer": "tokenizer",
+              "data/sids": "sids", "data/backbone (config)": "backbone"}
 
 
 def params_hash(params: dict) -> str:
@@ -157,6 +162,16 @@ def params_hash(params: dict) -> str:
         if isinstance(picked.get(top), dict):
             picked[top].pop(leaf, None)
     return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def fingerprint(params: dict, data_dir: Path) -> dict[str, str]:
+    """What a checkpoint must have been made from to be resumed: the training params and
+    the content of every input folder (the backbone by its config: its weights follow
+    from `model.*`, which the params cover)."""
+    out = {"params": params_hash(params)}
+    for label, name in INPUT_DIRS.items():
+        out[label] = hash_files(data_dir / name, "*.json" if name == "backbone" else "**/*")[:16]
+    return out
 
 
 # ---------------------------------------------------------------- state of the index
@@ -446,53 +461,58 @@ def validate(module: TTDSModule, tokenizer, val: list, index: IndexState, cfg: T
     the evaluation code (trie-constrained beam search over every item, `eval.*` settings,
     masked per `eval.mask_history`), plus the teacher-forced loss and whole-SID arg-max
     accuracy of those targets."""
-    from .decode import ConstrainedRanker, build_item_trie
-    from .evaluate import Case, PromptBuilder, rank_cases, target_ranks
+    from .evaluate import target_ranks
     from .metrics import metric_table
+    from .ranker import Case, PromptBuilder, Ranker, build_tables, rank_cases
 
     if not val:
         return {}
     was_training = module.training
     module.eval()
-    tables = index.sid_tables()
-    total_loss, n_tok, exact = 0.0, 0, 0
-    for s in range(0, len(val), cfg.batch_size):
-        pairs = []
-        for user, history, target in val[s:s + cfg.batch_size]:
-            hist = [tables.item[i] for i in history[-max_history:]]
-            user_sid = tables.user[user] if tables.user is not None else None
-            pairs.append((seqrec_prompt(hist, user_sid, cfg.template, cfg.packed, tokenizer.eos_token),
-                          tables.item[target]))
-        batch = {k: v.to(device) for k, v in collate(pairs, tokenizer, cfg.max_response_tokens).items()}
-        labels = batch["labels"]
-        loss, correct = response_loss(module.lm, module.sid, module.eos_id, batch["input_ids"],
-                                      batch["attention_mask"], labels, cfg.sid_softmax)
-        n = int((labels != -100).sum())
-        total_loss += float(loss) * n
-        n_tok += n
-        exact += int(correct.all(-1).sum())  # whole SID right: every token is the arg-max
-    # Ranking through the evaluation code, on the training model itself: the SID rows are
-    # written into the backbone's (frozen) rows first, which the wrappers shadow anyway,
-    # so a SID-only head built from them (`eval.scoring: sid`) sees the current rows.
-    dynamic.bake(module.lm.get_base_model(), module.sid)
-    item_table = index.tables["item"]
-    user_table = index.tables.get("user")
-    trie = build_item_trie(item_table, tokenizer, "item SID table")
-    ranker = ConstrainedRanker(module.lm, tokenizer, trie, cfg.val_beams, cfg.val_scoring)
-    builder = PromptBuilder(tokenizer, item_table, user_table, cfg.template, cfg.packed)
-    cases = [Case(user, "valid", history[-max_history:], history, target) for user, history, target in val]
-    ranked = rank_cases(ranker, builder, cases, cfg.val_batch, modes=(cfg.val_masked,))
-    ranks = target_ranks(cases, ranked)[cfg.val_masked]
-    table = metric_table(ranks, [10])
-    module.train(was_training)
-    return {"val_HR@10": table["HR@10"], "val_NDCG@10": table["NDCG@10"],
-            "val_loss": total_loss / max(n_tok, 1), "val_sid_acc": exact / len(val), "val_users": len(val)}
+    try:
+        tables = index.sid_tables()
+        total_loss, n_tok, exact = 0.0, 0, 0
+        for s in range(0, len(val), cfg.batch_size):
+            pairs = []
+            for user, history, target in val[s:s + cfg.batch_size]:
+                hist = [tables.item[i] for i in history[-max_history:]]
+                user_sid = tables.user[user] if tables.user is not None else None
+                pairs.append((seqrec_prompt(hist, user_sid, cfg.template, cfg.packed, tokenizer.eos_token),
+                              tables.item[target]))
+            batch = {k: v.to(device) for k, v in collate(pairs, tokenizer, cfg.max_response_tokens).items()}
+            labels = batch["labels"]
+            loss, correct = response_loss(module.lm, module.sid, module.eos_id, batch["input_ids"],
+                                          batch["attention_mask"], labels, cfg.sid_softmax)
+            n = int((labels != -100).sum())
+            total_loss += float(loss) * n
+            n_tok += n
+            exact += int(correct.all(-1).sum())  # whole SID right: every token is the arg-max
+        # Ranking through the evaluation code, on the training model itself: the SID rows are
+        # written into the backbone's (frozen) rows first, which the wrappers shadow anyway,
+        # so a SID-only head built from them (`eval.scoring: sid`) sees the current rows.
+        dynamic.bake(module.lm.get_base_model(), module.sid)
+        item_table = index.tables["item"]
+        user_table = index.tables.get("user")
+        trie = build_tables(item_table, tokenizer, next(module.lm.parameters()).device, "item SID table")
+        ranker = Ranker(module.lm, tokenizer, trie, cfg.val_beams, cfg.val_scoring)
+        builder = PromptBuilder(tokenizer, item_table, user_table, cfg.template, cfg.packed)
+        cases = [Case(user, "valid", history[-max_history:], history, target) for user, history, target in val]
+        ranked = rank_cases(ranker, builder, cases, cfg.val_batch, modes=(cfg.val_masked,))
+        ranks = target_ranks(cases, ranked)[cfg.val_masked]
+        table = metric_table(ranks, [10])
+        return {"val_HR@10": table["HR@10"], "val_NDCG@10": table["NDCG@10"],
+                "val_loss": total_loss / max(n_tok, 1), "val_sid_acc": exact / len(val), "val_users": len(val)}
+    finally:
+        module.train(was_training)
 
 
 # ---------------------------------------------------------------- checkpoints
 
 def save_checkpoint(path: Path, module: TTDSModule, optimizer, scheduler, index: IndexState, progress: dict,
-                    phash: str, history: list) -> None:
+                    stamp: dict, history: list, best_state=None) -> None:
+    """Everything a resumed run needs, in one atomic folder: trainable tensors, optimizer,
+    scheduler, RNG states, the index, the history, and the best validated state so far
+    (`best_state`: its tensors and SID tables), so the resumed run saves the same model."""
     with atomic_dir(path) as tmp:
         save_tensors(tmp / "trainable.safetensors", trainable_state(module))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
@@ -501,18 +521,49 @@ def save_checkpoint(path: Path, module: TTDSModule, optimizer, scheduler, index:
         for tower, table in index.tables.items():
             write_parquet(tmp / f"{tower}_sids.parquet", table)
             write_npy(tmp / f"{tower}_x.npy", index.x[tower])
-        write_json(tmp / "state.json", {"params_hash": phash, **progress, "rng": rng_j,
+        if best_state is not None:
+            save_tensors(tmp / "best_trainable.safetensors", best_state[0])
+            for tower, table in best_state[1].items():
+                write_parquet(tmp / f"best_{tower}_sids.parquet", table)
+        write_json(tmp / "state.json", {"fingerprint": stamp, **progress, "rng": rng_j,
                                         "churn": index.churn, "history": history})
 
 
-def load_checkpoint(path: Path, module: TTDSModule, optimizer, scheduler, index: IndexState, phash: str):
-    """Progress dict when `path` holds a compatible checkpoint, else None (start fresh)."""
+def set_aside(path: Path, why: str, main: bool = True) -> None:
+    """Move an unusable checkpoint out of the way (kept for inspection), saying why in one
+    line (the main process does; the others only leave it alone)."""
+    if not main:
+        return
+    aside = path.with_name(path.name + ".stale")
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(path, aside)
+    print(f"finetune: {path} {why}; set aside as {aside}, starting fresh", file=sys.stderr)
+
+
+def load_checkpoint(path: Path, module: TTDSModule, optimizer, scheduler, index: IndexState, stamp: dict,
+                    main: bool = True):
+    """(progress dict, best state or None) when `path` holds a checkpoint made from the same
+    params and inputs, else (None, None): a checkpoint from anything else is set aside."""
     if not (path / "state.json").exists():
-        return None
+        return None, None
     state = read_json(path / "state.json")
-    if state.get("params_hash") != phash:
-        print(f"warning: {path} was made with other params; starting fresh", file=sys.stderr)
-        return None
+    made = state.get("fingerprint")
+    if not isinstance(made, dict):
+        set_aside(path, "was written by an older version (no input fingerprint)", main)
+        return None, None
+    changed = [k for k in stamp if made.get(k) != stamp[k]]
+    if changed:
+        what = "other params" if changed == ["params"] else "other " + ", ".join(
+            "params" if k == "params" else k for k in changed)
+        set_aside(path, f"was made from {what}", main)
+        return None, None
+    best_state = None
+    if state.get("best") is not None:
+        if not (path / "best_trainable.safetensors").exists():
+            set_aside(path, "has a best step but not its state", main)
+            return None, None
+        best_state = (load_tensors(path / "best_trainable.safetensors"),
+                      {t: read_parquet(path / f"best_{t}_sids.parquet") for t in index.tables})
     missing, unexpected = module.load_state_dict(load_tensors(path / "trainable.safetensors"), strict=False)
     if unexpected:
         raise TTDSError(f"{path}: checkpoint does not match the model ({unexpected[0]})")
@@ -524,7 +575,7 @@ def load_checkpoint(path: Path, module: TTDSModule, optimizer, scheduler, index:
         index.x[tower] = read_npy(path / f"{tower}_x.npy")
     index.churn = state.get("churn", [])
     set_rng_state(load_tensors(path / "rng.safetensors"), state["rng"])
-    return state
+    return state, best_state
 
 
 # ---------------------------------------------------------------- refresh
@@ -601,9 +652,9 @@ def run(params: dict, data_dir: str | Path = "data", metrics_dir: str | Path = "
                         f"{cfg.batch_size * cfg.grad_accum * world} exceeds the {len(samples)} training samples")
     total_steps = per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.epochs)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * total_steps), total_steps)
-    phash = params_hash(params)
+    stamp = fingerprint(params, data_dir)
     ckpt = data_dir / "checkpoints" / "last"
-    progress = load_checkpoint(ckpt, module, optimizer, scheduler, index, phash)
+    progress, best_state = load_checkpoint(ckpt, module, optimizer, scheduler, index, stamp, main)
     step = progress["step"] if progress else 0
     epoch0, batch0 = (progress["epoch"], progress["batch"]) if progress else (0, 0)
     history = progress.get("history", []) if progress else []
@@ -619,7 +670,6 @@ def run(params: dict, data_dir: str | Path = "data", metrics_dir: str | Path = "
     if main and progress:
         print(f"finetune: resuming from step {step} ({ckpt})", file=sys.stderr)
 
-    best_state = None
     tokens_seen, t_compute, t0 = 0, 0.0, time.time()  # t_compute: train steps only
     window: dict[str, list[float]] = {}
     from tqdm.auto import tqdm
@@ -699,7 +749,7 @@ def run(params: dict, data_dir: str | Path = "data", metrics_dir: str | Path = "
                 if main:
                     save_checkpoint(ckpt, inner, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
                                     scheduler, index, {"step": step, "epoch": epoch, "batch": b + 1, "best": best},
-                                    phash, history)
+                                    stamp, history, best_state)
                 accelerator.wait_for_everyone()
             if done:
                 break

@@ -57,6 +57,21 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def hash_files(root: str | Path, pattern: str = "**/*", h=None) -> str:
+    """sha256 over the relative names and bytes of the files under `root` matching `pattern`,
+    in sorted order (a missing folder hashes as empty). Updates `h` when given."""
+    import hashlib
+
+    root = Path(root)
+    h = h if h is not None else hashlib.sha256()
+    for path in sorted(p for p in root.glob(pattern) if p.is_file()):
+        h.update(str(path.relative_to(root)).encode())
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
 def write_json(path: str | Path, obj) -> None:
     with atomic_path(path, ".json") as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")

@@ -25,11 +25,15 @@ import pandas as pd
 
 from .config import get
 from .errors import TTDSError
-from .io import atomic_dir, read_json, read_parquet, write_json, write_parquet
+from .io import atomic_dir, hash_files, read_json, read_parquet, write_json, write_parquet
 from .prompts import seqrec_packed
 
-# decode / evaluate / recommender import torch and transformers: they are imported inside
+# ranker / recommender import torch and transformers: they are imported inside
 # the functions that run the model, so a cache hit answers without loading either.
+
+# Part of the cache's fingerprint: change it whenever ranker.py could rank differently, so a
+# cache written by an older engine is not served (a constant here, so a cache hit imports no torch).
+RANKING_ENGINE = "ranker.py v2: trie tables, shared-prefix beam search"
 
 MODEL_DIR, BACKBONE_DIR, PROCESSED_DIR, SERVING_DIR = "data/model", "data/backbone", "data/processed", "data/serving"
 
@@ -50,14 +54,6 @@ def serve_settings(params: dict) -> dict:
             "packed": seqrec_packed(params)}
 
 
-def _hash_files(h, root: Path, pattern: str = "**/*") -> None:
-    for path in sorted(p for p in root.glob(pattern) if p.is_file()):
-        h.update(str(path.relative_to(root)).encode())
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-
-
 def fingerprint(params: dict, model_dir: str | Path = MODEL_DIR, backbone_dir: str | Path = BACKBONE_DIR,
                 processed_dir: str | Path = PROCESSED_DIR) -> str:
     """sha256 of what a user's top-K depends on: every file of the trained model (adapter,
@@ -67,10 +63,10 @@ def fingerprint(params: dict, model_dir: str | Path = MODEL_DIR, backbone_dir: s
     if not (model_dir / "recommender.json").is_file():
         raise TTDSError(f"{model_dir}: no trained model (run the finetune stage first)")
     h = hashlib.sha256()
-    _hash_files(h, model_dir)
-    _hash_files(h, Path(backbone_dir), "*.json")
-    _hash_files(h, Path(processed_dir), "sequences.parquet")
-    settings = dict(serve_settings(params), model=get(params, "model", dict))
+    hash_files(model_dir, h=h)
+    hash_files(backbone_dir, "*.json", h=h)
+    hash_files(processed_dir, "sequences.parquet", h=h)
+    settings = dict(serve_settings(params), model=get(params, "model", dict), engine=RANKING_ENGINE)
     settings.pop("batch_size")  # does not change the lists
     settings.pop("max_users")   # only which users are cached, checked per user
     h.update(json.dumps(settings, sort_keys=True, default=str).encode())
@@ -79,7 +75,7 @@ def fingerprint(params: dict, model_dir: str | Path = MODEL_DIR, backbone_dir: s
 
 def serving_cases(sequences: pd.DataFrame, max_history: int, users=None):
     """One query per user: history = the last max_history of ALL their items; no target."""
-    from .evaluate import Case
+    from .ranker import Case
 
     seqs = sequences if users is None else sequences[sequences["user_id"].isin(users)]
     return [Case(int(u), "serve", [int(i) for i in items][-max_history:], [int(i) for i in items], None)
@@ -89,8 +85,7 @@ def serving_cases(sequences: pd.DataFrame, max_history: int, users=None):
 def rank_users(params: dict, cases, model_dir=MODEL_DIR, backbone_dir=BACKBONE_DIR, rec=None,
                progress: str | None = None) -> list[list[tuple[int, float]]]:
     """Top serve.topk (item, score) per case from the model."""
-    from .decode import ConstrainedRanker, build_item_trie
-    from .evaluate import PromptBuilder, rank_cases
+    from .ranker import PromptBuilder, rank_cases, ranker_for
 
     cfg = serve_settings(params)
     if rec is None:
@@ -99,8 +94,7 @@ def rank_users(params: dict, cases, model_dir=MODEL_DIR, backbone_dir=BACKBONE_D
         if not (Path(model_dir) / "recommender.json").is_file():
             raise TTDSError(f"{model_dir}: no trained model (run the finetune stage first)")
         rec = load_recommender(params, model_dir=model_dir, backbone_dir=backbone_dir)
-    trie = build_item_trie(rec.item_sids, rec.tokenizer, "model item SID table")
-    ranker = ConstrainedRanker(rec.model, rec.tokenizer, trie, cfg["beams"], cfg["scoring"])
+    ranker, _ = ranker_for(rec, cfg["beams"], cfg["scoring"])
     builder = PromptBuilder(rec.tokenizer, rec.item_sids, rec.user_sids, cfg["template"], cfg["packed"])
     mode = cfg["mask_history"]
     ranked = rank_cases(ranker, builder, cases, cfg["batch_size"], modes=(mode,), progress=progress)[mode]
