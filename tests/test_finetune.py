@@ -249,11 +249,32 @@ def test_resume_after_a_best_that_is_never_beaten_saves_that_best(toy_root, tmp_
         assert len(out["history"]) > out["best"]["step"]          # the best is not the last step
         saved[name] = {p.relative_to("data/model"): p.read_bytes()
                        for p in sorted(Path("data/model").rglob("*")) if p.is_file()}
+        saved[name]["validation curve"] = json.dumps(json.loads(Path("metrics/finetune.json").read_text())["validation"])
         best_step = out["best"]["step"]
     assert json.loads(Path("metrics/finetune.json").read_text())["resumed_from_step"] is not None
     assert saved["straight"].keys() == saved["killed"].keys()
     for path in saved["straight"]:
         assert saved["straight"][path] == saved["killed"][path], f"{path} differs (best step {best_step})"
+
+
+def test_patience_stops_early_and_saves_the_best_state(project, monkeypatch):
+    """`train.patience`: stop after that many epoch-end validations without a better score,
+    as the baselines do; the model saved is the best one, the curve is in the metrics."""
+    scores = iter([0.3, 0.5, 0.4, 0.2, 0.9, 0.9])  # best at the 2nd validation, then two worse ones
+
+    def validation(*args, **kwargs):
+        s = next(scores)
+        return {"val_HR@10": s, "val_NDCG@10": s, "val_loss": 1.0, "val_sid_acc": 0.0, "val_users": 4}
+
+    monkeypatch.setattr(finetune, "validate", validation)
+    out = finetune.run(_dynamic_params(**{"train.max_steps": None, "train.epochs": 6, "train.patience": 2}))
+    metrics = json.loads(Path("metrics/finetune.json").read_text())
+    assert metrics["stopped_early"] is True
+    assert [v["val_NDCG@10"] for v in metrics["validation"]] == [0.3, 0.5, 0.4, 0.2]
+    assert metrics["best"]["step"] == metrics["validation"][1]["step"] < out["history"][-1]["step"]
+    assert metrics["steps"] == metrics["validation"][3]["step"] < metrics["planned_steps"]
+    with pytest.raises(finetune.TTDSError, match="train.patience"):
+        finetune.run(_dynamic_params(**{"train.patience": 0}))
 
 
 def test_dynamic_index_tokenizer_trains_and_sids_are_refreshed(project):

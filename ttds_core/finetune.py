@@ -97,6 +97,7 @@ class TrainConfig:
     val_masked: bool = False
     packed: bool = False
     max_minutes: float | None = None
+    patience: int | None = None
 
     @classmethod
     def from_params(cls, params: dict) -> "TrainConfig":
@@ -137,6 +138,7 @@ class TrainConfig:
             val_masked=get(params, "eval.mask_history", bool, False),
             packed=seqrec_packed(params),
             max_minutes=get(params, "train.max_minutes", float, None, min_value=0.0),
+            patience=get(params, "train.patience", int, None, allow_none=True, min_value=1),
         )
 
 
@@ -659,6 +661,7 @@ def run(params: dict, data_dir: str | Path = "data", metrics_dir: str | Path = "
     epoch0, batch0 = (progress["epoch"], progress["batch"]) if progress else (0, 0)
     history = progress.get("history", []) if progress else []
     best = progress.get("best") if progress else None
+    curve = progress.get("validation", []) if progress else []  # one record per epoch-end validation
     module, optimizer = accelerator.prepare(module, optimizer)
     inner = accelerator.unwrap_model(module)
 
@@ -676,6 +679,7 @@ def run(params: dict, data_dir: str | Path = "data", metrics_dir: str | Path = "
     bar = tqdm(total=total_steps, initial=step, desc="finetune", disable=not main, unit="step")
     done = step >= total_steps
     timed_out = False
+    stopped_early = False
     skipped: list[int] = []  # steps whose update was skipped for a non-finite gradient
 
     def out_of_time() -> bool:
@@ -748,7 +752,8 @@ def run(params: dict, data_dir: str | Path = "data", metrics_dir: str | Path = "
             if step % cfg.checkpoint_every == 0 and not done:
                 if main:
                     save_checkpoint(ckpt, inner, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
-                                    scheduler, index, {"step": step, "epoch": epoch, "batch": b + 1, "best": best},
+                                    scheduler, index, {"step": step, "epoch": epoch, "batch": b + 1, "best": best,
+                                                       "validation": curve},
                                     stamp, history, best_state)
                 accelerator.wait_for_everyone()
             if done:
@@ -764,6 +769,13 @@ def run(params: dict, data_dir: str | Path = "data", metrics_dir: str | Path = "
         if best is None or score >= tuple(best["score"]):
             best = {"score": list(score), "step": step, **metrics}
             best_state = (trainable_state(inner), {t: tb.copy() for t, tb in index.tables.items()})
+        curve.append({"epoch": epoch, "step": step, **metrics})
+        # early stopping, as the baselines do: `train.patience` validations without a better score
+        if cfg.patience is not None and metrics and sum(v["step"] > best["step"] for v in curve) >= cfg.patience:
+            stopped_early = done = True
+            if main:
+                print(f"finetune: no better validation for {cfg.patience} epochs; stopping at step {step} "
+                      f"(best: step {best['step']})", file=sys.stderr)
     t_train = time.time() - t0
     bar.close()
 
@@ -786,7 +798,8 @@ def run(params: dict, data_dir: str | Path = "data", metrics_dir: str | Path = "
             "tokens_per_second": round(tokens_seen * world / max(t_compute, 1e-9), 1),
             "peak_rss_mb": round(peak_mb, 1), "churn": index.churn, "best": best,
             "resumed_from_step": progress["step"] if progress else None,
-            "stopped_by_max_minutes": timed_out, "planned_steps": total_steps, "skipped_steps": skipped,
+            "stopped_by_max_minutes": timed_out, "stopped_early": stopped_early, "validation": curve,
+            "planned_steps": total_steps, "skipped_steps": skipped,
         }
         write_json(metrics_dir / "finetune.json", summary)
         live.end()
