@@ -59,12 +59,15 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 
 def hash_files(root: str | Path, pattern: str = "**/*", h=None) -> str:
     """sha256 over the relative names and bytes of the files under `root` matching `pattern`,
-    in sorted order (a missing folder hashes as empty). Updates `h` when given."""
+    in sorted order (a missing folder hashes as empty; hidden files and folders, such as the
+    temp files of an interrupted atomic write, are skipped). Updates `h` when given."""
     import hashlib
 
     root = Path(root)
     h = h if h is not None else hashlib.sha256()
-    for path in sorted(p for p in root.glob(pattern) if p.is_file()):
+    files = (p for p in root.glob(pattern)
+             if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    for path in sorted(files):
         h.update(str(path.relative_to(root)).encode())
         with open(path, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
