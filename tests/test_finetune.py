@@ -203,6 +203,9 @@ def test_checkpoint_of_other_params_is_not_resumed(project, capsys, monkeypatch)
     assert "was made from other params; set aside as data/checkpoints/last.stale, starting fresh" in err
     assert [h["step"] for h in out["history"]] == list(range(1, 9))
     assert Path("data/checkpoints/last.stale/state.json").exists()  # kept, not deleted
+    _kill_at_first_checkpoint(monkeypatch, _dynamic_params())  # a second stale one replaces the first
+    finetune.run(_dynamic_params(**{"loss.alpha": 0.7}))
+    assert "set aside as data/checkpoints/last.stale (replacing an older one)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("changed", ["data/embeddings", "data/sids", "data/processed"])
@@ -275,6 +278,8 @@ def test_patience_stops_early_and_saves_the_best_state(project, monkeypatch):
     assert metrics["steps"] == metrics["validation"][3]["step"] < metrics["planned_steps"]
     with pytest.raises(finetune.TTDSError, match="train.patience"):
         finetune.run(_dynamic_params(**{"train.patience": 0}))
+    with pytest.raises(finetune.TTDSError, match="train.val_users"):
+        finetune.run(_dynamic_params(**{"train.patience": 2, "train.val_users": 0}))
 
 
 def test_dynamic_index_tokenizer_trains_and_sids_are_refreshed(project):

@@ -23,8 +23,11 @@ validation NDCG@10 (then HR@10, then lower loss) is what `data/model` receives.
 
 Resume: `data/checkpoints/last` holds everything that changes while training (trainable
 weights, SID tables, cached X, optimizer, scheduler, RNG, position in the data); a rerun
-with the same relevant params continues from it and reaches the same result as an
-uninterrupted run (a params mismatch starts fresh with a warning).
+made from the same params, inputs, code and process layout continues from it and saves the
+same model as an uninterrupted run (the checkpoint also holds the best validated state); a
+checkpoint made from anything else is set aside (`last.stale`) with one line and never resumed.
+`train.patience` stops after that many epoch-end validations without a better score (a tie
+counts as better: the score's last component, the validation loss, rarely ties).
 """
 
 from __future__ import annotations
@@ -103,7 +106,7 @@ class TrainConfig:
     def from_params(cls, params: dict) -> "TrainConfig":
         user = get(params, "tower.user", bool)
         train_seed = get(params, "train.seed", int, default=None, allow_none=True)
-        return cls(
+        cfg = cls(
             seed=train_seed if train_seed is not None else get(params, "seed", int),
             data_seed=get(params, "seed", int),
             towers=["item", "user"] if user else ["item"],
@@ -140,15 +143,20 @@ class TrainConfig:
             max_minutes=get(params, "train.max_minutes", float, None, min_value=0.0),
             patience=get(params, "train.patience", int, None, allow_none=True, min_value=1),
         )
+        if cfg.patience is not None and cfg.val_users == 0:
+            raise TTDSError("params: 'train.patience' needs validation users ('train.val_users' is 0)")
+        return cfg
 
 
 # Params that change what training computes; a checkpoint made under others is not resumed.
-RESUME_KEYS = ("seed", "model", "index", "tower", "tasks", "loss", "init", "lora", "train", "data.max_history")
+RESUME_KEYS = ("seed", "model", "index", "tower", "tasks", "loss", "init", "lora", "train", "data.max_history",
+               "eval.beams", "eval.scoring", "eval.batch_size", "eval.mask_history",  # validation picks the best
+               "embed.batch_size")                                                   # the index refresh re-embeds
 NOT_RESUME_KEYS = ("train.checkpoint_every", "train.threads", "train.max_minutes")
 # Input folders whose content determines training (the upstream stages' outputs): a checkpoint
 # made from other files (other data, other SIDs after a warmup change...) is not resumed.
 INPUT_DIRS = {"data/processed": "processed", "data/embeddings": "embeddings", "data/tokenizer": "tokenizer",
-              "data/sids": "sids", "data/backbone (config)": "backbone"}
+              "data/sids": "sids", "data/backbone": "backbone"}
 
 
 def params_hash(params: dict) -> str:
@@ -166,13 +174,38 @@ def params_hash(params: dict) -> str:
     return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def fingerprint(params: dict, data_dir: Path) -> dict[str, str]:
-    """What a checkpoint must have been made from to be resumed: the training params and
-    the content of every input folder (the backbone by its config: its weights follow
-    from `model.*`, which the params cover)."""
+def _backbone_stamp(backbone_dir: Path) -> str:
+    """The backbone by its configs and its weight files' names and sizes (content-hashing a
+    7B model at every start would cost minutes); for an HF folder used in place, that folder's."""
+    import hashlib
+
+    h = hashlib.sha256()
+    folders = [backbone_dir]
+    record = backbone_dir / "backbone.json"
+    if record.is_file():
+        path = read_json(record).get("path")
+        if path:
+            folders.append(Path(path))
+    for folder in folders:
+        hash_files(folder, "*.json", h=h)
+        for f in sorted(p for p in folder.glob("*") if p.is_file() and p.suffix != ".json"):
+            h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return h.hexdigest()[:16]
+
+
+def fingerprint(params: dict, data_dir: Path, layout: dict) -> dict[str, str]:
+    """What a checkpoint must have been made from to be resumed: the training params, the
+    content of every input folder, the backbone, the code of the package, and the process
+    layout (`layout`: processes, device type, precision: they change the batches and the
+    learning-rate schedule a resumed run would replay)."""
     out = {"params": params_hash(params)}
     for label, name in INPUT_DIRS.items():
-        out[label] = hash_files(data_dir / name, "*.json" if name == "backbone" else "**/*")[:16]
+        if name == "backbone":
+            out[label] = _backbone_stamp(data_dir / name)
+        else:
+            out[label] = hash_files(data_dir / name)[:16]
+    out["code"] = hash_files(Path(__file__).resolve().parent, "**/*.py")[:16]
+    out["layout"] = json.dumps(layout, sort_keys=True)
     return out
 
 
@@ -537,9 +570,17 @@ def set_aside(path: Path, why: str, main: bool = True) -> None:
     if not main:
         return
     aside = path.with_name(path.name + ".stale")
-    shutil.rmtree(aside, ignore_errors=True)
-    os.replace(path, aside)
-    print(f"finetune: {path} {why}; set aside as {aside}, starting fresh", file=sys.stderr)
+    replaced = " (replacing an older one)" if aside.exists() else ""
+    try:
+        if aside.is_dir():
+            shutil.rmtree(aside)
+        elif aside.exists():
+            aside.unlink()
+        os.replace(path, aside)
+    except OSError as exc:
+        raise TTDSError(f"{path} {why}, and it could not be set aside as {aside} ({exc.strerror}): "
+                        "move or delete it") from None
+    print(f"finetune: {path} {why}; set aside as {aside}{replaced}, starting fresh", file=sys.stderr)
 
 
 def load_checkpoint(path: Path, module: TTDSModule, optimizer, scheduler, index: IndexState, stamp: dict,
@@ -555,9 +596,7 @@ def load_checkpoint(path: Path, module: TTDSModule, optimizer, scheduler, index:
         return None, None
     changed = [k for k in stamp if made.get(k) != stamp[k]]
     if changed:
-        what = "other params" if changed == ["params"] else "other " + ", ".join(
-            "params" if k == "params" else k for k in changed)
-        set_aside(path, f"was made from {what}", main)
+        set_aside(path, "was made from other " + ", ".join(changed), main)
         return None, None
     best_state = None
     if state.get("best") is not None:
@@ -566,6 +605,9 @@ def load_checkpoint(path: Path, module: TTDSModule, optimizer, scheduler, index:
             return None, None
         best_state = (load_tensors(path / "best_trainable.safetensors"),
                       {t: read_parquet(path / f"best_{t}_sids.parquet") for t in index.tables})
+        unknown = set(best_state[0]) - set(module.state_dict())
+        if unknown:
+            raise TTDSError(f"{path}: best state does not match the model ({sorted(unknown)[0]})")
     missing, unexpected = module.load_state_dict(load_tensors(path / "trainable.safetensors"), strict=False)
     if unexpected:
         raise TTDSError(f"{path}: checkpoint does not match the model ({unexpected[0]})")
@@ -654,9 +696,15 @@ def run(params: dict, data_dir: str | Path = "data", metrics_dir: str | Path = "
                         f"{cfg.batch_size * cfg.grad_accum * world} exceeds the {len(samples)} training samples")
     total_steps = per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.epochs)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * total_steps), total_steps)
-    stamp = fingerprint(params, data_dir)
+    stamp = fingerprint(params, data_dir, {"processes": world, "device": device.type,
+                                           "precision": accelerator.mixed_precision})
     ckpt = data_dir / "checkpoints" / "last"
-    progress, best_state = load_checkpoint(ckpt, module, optimizer, scheduler, index, stamp, main)
+    # the main process decides (and sets a stale checkpoint aside) before the others look
+    progress, best_state = load_checkpoint(ckpt, module, optimizer, scheduler, index, stamp, main) \
+        if main else (None, None)
+    accelerator.wait_for_everyone()
+    if not main:
+        progress, best_state = load_checkpoint(ckpt, module, optimizer, scheduler, index, stamp, main)
     step = progress["step"] if progress else 0
     epoch0, batch0 = (progress["epoch"], progress["batch"]) if progress else (0, 0)
     history = progress.get("history", []) if progress else []
@@ -770,17 +818,22 @@ def run(params: dict, data_dir: str | Path = "data", metrics_dir: str | Path = "
             best = {"score": list(score), "step": step, **metrics}
             best_state = (trainable_state(inner), {t: tb.copy() for t, tb in index.tables.items()})
         curve.append({"epoch": epoch, "step": step, **metrics})
-        # early stopping, as the baselines do: `train.patience` validations without a better score
-        if cfg.patience is not None and metrics and sum(v["step"] > best["step"] for v in curve) >= cfg.patience:
-            stopped_early = done = True
-            if main:
-                print(f"finetune: no better validation for {cfg.patience} epochs; stopping at step {step} "
-                      f"(best: step {best['step']})", file=sys.stderr)
+        # early stopping: `train.patience` validations without a better score. Every process
+        # stops alike (their validations could differ in the last bit on a GPU).
+        if cfg.patience is not None and not done:
+            stale = float(sum(v["step"] > best["step"] for v in curve) >= cfg.patience)
+            if accelerator.reduce(torch.tensor([stale], device=device), "max").item() > 0:
+                stopped_early = done = True
+                if main:
+                    print(f"finetune: no better validation for {cfg.patience} epochs; stopping at step {step} "
+                          f"(best: step {best['step']})", file=sys.stderr)
     t_train = time.time() - t0
     bar.close()
 
     if best_state is not None:
-        inner.load_state_dict(best_state[0], strict=False)
+        unexpected = inner.load_state_dict(best_state[0], strict=False).unexpected_keys
+        if unexpected:  # nothing would load, and the last state would be saved as the best
+            raise TTDSError(f"best state does not match the model ({unexpected[0]})")
         index.tables = best_state[1]
     if main:
         save_recommender(data_dir / "model", inner, tokenizer, index.tables, cfg.towers, params)
