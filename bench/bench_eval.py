@@ -120,7 +120,7 @@ def main(argv=None) -> dict:
     cases = eval_cases(users, "test", max_history)
     build = PromptBuilder(rec.tokenizer, rec.item_sids, rec.user_sids, get(params, "train.template", int),
                           seqrec_packed(params))
-    ranker, tables = ranker_for(rec, beams, scoring)
+    ranker, tables = ranker_for(rec.model, rec.tokenizer, rec.item_sids, beams, scoring)
     prompts = [build(c.user_id, c.history) for c in cases]
     n = len(cases)
     result = {"model": source, "device": str(ranker.device), "threads": torch.get_num_threads(),

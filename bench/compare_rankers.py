@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     cases = [c for split in SPLITS for c in eval_cases(users, split, cfg.max_history)]
     build = PromptBuilder(rec.tokenizer, rec.item_sids, rec.user_sids, cfg.template, cfg.packed)
 
-    ranker, tables = ranker_for(rec, cfg.beams, cfg.scoring)
+    ranker, tables = ranker_for(rec.model, rec.tokenizer, rec.item_sids, cfg.beams, cfg.scoring)
     start = time.perf_counter()
     new = rank_cases(ranker, build, cases, cfg.batch_size, progress="new ranker")
     new_s = time.perf_counter() - start

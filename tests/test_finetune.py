@@ -125,7 +125,7 @@ def test_saved_recommender_reproduces_the_training_model(project, softmax, scori
             total += float(torch.nn.functional.cross_entropy(logits, target_ids, reduction="sum"))
             n += len(r)
     assert abs(total / n - best["val_loss"]) < 1e-3
-    ranker, _ = ranker_for(rec, params["eval"]["beams"], scoring)
+    ranker, _ = ranker_for(rec.model, rec.tokenizer, rec.item_sids, params["eval"]["beams"], scoring)
     builder = PromptBuilder(rec.tokenizer, rec.item_sids, rec.user_sids, 0, packed)
     cases = [Case(u, "valid", h[-4:], h, t) for u, h, t in val]
     ranks = target_ranks(cases, rank_cases(ranker, builder, cases, 4, modes=(False,)))[False]

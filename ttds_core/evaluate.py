@@ -147,7 +147,7 @@ def evaluate(rec, sequences: pd.DataFrame, cfg: EvalSettings, progress: bool = F
     """Rank every selected user's validation and test target; return (metrics, ranks)."""
     start = time.perf_counter()
     users = select_users(sequences, cfg.max_users, cfg.seed)
-    ranker, tables = ranker_for(rec, cfg.beams, cfg.scoring)
+    ranker, tables = ranker_for(rec.model, rec.tokenizer, rec.item_sids, cfg.beams, cfg.scoring)
     unknown = next((i for items in users["items"] for i in items if int(i) not in tables), None)
     if unknown is not None:
         raise TTDSError(f"sequences.parquet: item {unknown} has no SID in the model's item table "

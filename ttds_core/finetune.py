@@ -156,7 +156,7 @@ NOT_RESUME_KEYS = ("train.checkpoint_every", "train.threads", "train.max_minutes
 # Input folders whose content determines training (the upstream stages' outputs): a checkpoint
 # made from other files (other data, other SIDs after a warmup change...) is not resumed.
 INPUT_DIRS = {"data/processed": "processed", "data/embeddings": "embeddings", "data/tokenizer": "tokenizer",
-              "data/sids": "sids", "data/backbone": "backbone"}
+              "data/sids": "sids"}
 
 
 def params_hash(params: dict) -> str:
@@ -177,8 +177,6 @@ def params_hash(params: dict) -> str:
 def _backbone_stamp(backbone_dir: Path) -> str:
     """The backbone by its configs and its weight files' names and sizes (content-hashing a
     7B model at every start would cost minutes); for an HF folder used in place, that folder's."""
-    import hashlib
-
     h = hashlib.sha256()
     folders = [backbone_dir]
     record = backbone_dir / "backbone.json"
@@ -199,11 +197,8 @@ def fingerprint(params: dict, data_dir: Path, layout: dict) -> dict[str, str]:
     layout (`layout`: processes, device type, precision: they change the batches and the
     learning-rate schedule a resumed run would replay)."""
     out = {"params": params_hash(params)}
-    for label, name in INPUT_DIRS.items():
-        if name == "backbone":
-            out[label] = _backbone_stamp(data_dir / name)
-        else:
-            out[label] = hash_files(data_dir / name)[:16]
+    out.update({label: hash_files(data_dir / name)[:16] for label, name in INPUT_DIRS.items()})
+    out["data/backbone"] = _backbone_stamp(data_dir / "backbone")
     out["code"] = hash_files(Path(__file__).resolve().parent, "**/*.py")[:16]
     out["layout"] = json.dumps(layout, sort_keys=True)
     return out
@@ -498,7 +493,7 @@ def validate(module: TTDSModule, tokenizer, val: list, index: IndexState, cfg: T
     accuracy of those targets."""
     from .evaluate import target_ranks
     from .metrics import metric_table
-    from .ranker import Case, PromptBuilder, Ranker, build_tables, rank_cases
+    from .ranker import Case, PromptBuilder, rank_cases, ranker_for
 
     if not val:
         return {}
@@ -528,8 +523,7 @@ def validate(module: TTDSModule, tokenizer, val: list, index: IndexState, cfg: T
         dynamic.bake(module.lm.get_base_model(), module.sid)
         item_table = index.tables["item"]
         user_table = index.tables.get("user")
-        trie = build_tables(item_table, tokenizer, next(module.lm.parameters()).device, "item SID table")
-        ranker = Ranker(module.lm, tokenizer, trie, cfg.val_beams, cfg.val_scoring)
+        ranker, _ = ranker_for(module.lm, tokenizer, item_table, cfg.val_beams, cfg.val_scoring, "item SID table")
         builder = PromptBuilder(tokenizer, item_table, user_table, cfg.template, cfg.packed)
         cases = [Case(user, "valid", history[-max_history:], history, target) for user, history, target in val]
         ranked = rank_cases(ranker, builder, cases, cfg.val_batch, modes=(cfg.val_masked,))

@@ -150,7 +150,6 @@ class SidTables:
                 self._dense.append(None)
                 self._keys.append(torch.as_tensor(keys[order], device=self.device))
                 self._vals.append(torch.as_tensor(child[order].astype(np.int32), device=self.device))
-        self.items = torch.as_tensor(sorted(seqs), dtype=torch.long)
         nodes = np.full((max(seqs) + 1, self.depth + 1), -1, dtype=np.int64)
         for seq, item in by_seq.items():
             for d in range(len(seq) + 1):
@@ -338,7 +337,7 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[tor
 class PromptBatch:
     """Prompts prefilled once: the shared cache and the hidden state after each prompt."""
 
-    prefix: SharedPrefix | None
+    prefix: SharedPrefix
     last_hidden: torch.Tensor    # [B, hidden]
     positions: torch.Tensor      # [B] position of the first generated token (= real prompt length)
 
@@ -452,14 +451,14 @@ class Ranker:
         hidden = batch.last_hidden[:, None, :]         # the root: every beam shares the prompt's state
         for d in range(tab.depth + 1):
             cols_lp, eos_lp = self._log_probs(hidden, d)
-            if cols_lp is not None and cols_lp.shape[1] != K:
-                cols_lp, eos_lp = cols_lp.expand(B, K, -1), eos_lp.expand(B, K)
-            if d > 0:  # finished: beams at a node that ends an item, closed by EOS
+            if d == 0:  # the root's one state serves every beam slot
+                cols_lp = cols_lp.expand(B, K, -1)
+            else:  # finished: beams at a node that ends an item, closed by EOS
                 item = tab.item_end[d][node]
                 ok = item >= 0
                 if blocked is not None:
                     ok &= ~blocked.ends[d][batch_idx, node]
-                fin = torch.where(ok, score + eos_lp.expand(B, K), _NEG)
+                fin = torch.where(ok, score + eos_lp, _NEG)
                 pool_item, pool_score = _merge_pool(pool_item, pool_score, torch.where(ok, item, -1), fin, K)
             if d == tab.depth:
                 break
@@ -560,8 +559,8 @@ def rank_cases(ranker: Ranker, build_prompt: PromptBuilder, cases: list[Case], b
     return out
 
 
-def ranker_for(rec, beams: int, scoring: str) -> tuple[Ranker, SidTables]:
-    """The ranker of a loaded recommender (anything with model, tokenizer, item_sids)."""
-    device = next(rec.model.parameters()).device
-    tables = build_tables(rec.item_sids, rec.tokenizer, device, "model item SID table")
-    return Ranker(rec.model, rec.tokenizer, tables, beams, scoring), tables
+def ranker_for(model, tokenizer, item_sids, beams: int, scoring: str,
+               source: str = "model item SID table") -> tuple[Ranker, SidTables]:
+    """The ranker of `model` over the items of `item_sids`, its tables on the model's device."""
+    tables = build_tables(item_sids, tokenizer, next(model.parameters()).device, source)
+    return Ranker(model, tokenizer, tables, beams, scoring), tables

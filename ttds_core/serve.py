@@ -94,7 +94,7 @@ def rank_users(params: dict, cases, model_dir=MODEL_DIR, backbone_dir=BACKBONE_D
         if not (Path(model_dir) / "recommender.json").is_file():
             raise TTDSError(f"{model_dir}: no trained model (run the finetune stage first)")
         rec = load_recommender(params, model_dir=model_dir, backbone_dir=backbone_dir)
-    ranker, _ = ranker_for(rec, cfg["beams"], cfg["scoring"])
+    ranker, _ = ranker_for(rec.model, rec.tokenizer, rec.item_sids, cfg["beams"], cfg["scoring"])
     builder = PromptBuilder(rec.tokenizer, rec.item_sids, rec.user_sids, cfg["template"], cfg["packed"])
     mode = cfg["mask_history"]
     ranked = rank_cases(ranker, builder, cases, cfg["batch_size"], modes=(mode,), progress=progress)[mode]
