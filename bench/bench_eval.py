@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from ttds_core.config import get, load_params, seed_everything
-from ttds_core.evaluate import eval_cases, select_users
+from ttds_core.cases import eval_cases, select_users
 from ttds_core.io import read_parquet, write_json
 from ttds_core.prompts import seqrec_packed
 from ttds_core.ranker import PromptBuilder, Ranker, SidTables, item_token_ids, rank_cases, ranker_for

@@ -27,7 +27,8 @@ import torch
 
 from bench.hf_ranker import ConstrainedRanker, build_item_trie, rank_cases_hf
 from ttds_core.config import get, load_params, seed_everything
-from ttds_core.evaluate import SPLITS, eval_cases, eval_settings, select_users
+from ttds_core.cases import SPLITS, eval_cases, select_users
+from ttds_core.evaluate import eval_settings
 from ttds_core.io import read_parquet, write_json
 from ttds_core.ranker import PromptBuilder, rank_cases, ranker_for
 

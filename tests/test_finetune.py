@@ -97,7 +97,7 @@ def test_saved_recommender_reproduces_the_training_model(project, softmax, scori
     """The validation measured inside training (SID rows in wrappers, LoRA unmerged) equals
     what `load_recommender`'s plain merged model gives on the same users: the teacher-
     forced loss, and HR@10 / NDCG@10 of the constrained beam search."""
-    from ttds_core.evaluate import target_ranks
+    from ttds_core.cases import target_ranks
     from ttds_core.ranker import Case, PromptBuilder, rank_cases, ranker_for
     from ttds_core.metrics import metric_table
     from ttds_core.tasks import validation_samples
@@ -289,6 +289,14 @@ def test_dynamic_index_tokenizer_trains_and_sids_are_refreshed(project):
              if k.startswith("item.")}
     assert not torch.equal(before["codebooks"], after["codebooks"])  # the RQ-VAE kept training
     assert [c["step"] for c in out["churn"]] == [4] and {"churn_item", "churn_user"} <= set(out["churn"][0])
+
+
+def test_ts_align_task_trains_when_switched_on(project):
+    finetune.run(_dynamic_params(**{"tasks.ts_align": True, "tasks.weights.ts_align": 0.5, "train.val_users": 2}))
+    summary = json.loads(Path("metrics/finetune.json").read_text())
+    # trained through a refresh of the index (step 4 of 8): the prefixes it describes moved with it
+    assert summary["task_counts"]["ts_align"] > 0 and summary["steps"] == 8
+    assert [c["step"] for c in summary["churn"]] == [4]
 
 
 def test_ddp_two_processes(project):

@@ -198,6 +198,7 @@ def test_grid_commands_match_the_variants_table(capsys, monkeypatch):
     assert [c.replace("--queue ", "") for c in commands[:-1]] == grid_commands()  # workspace mode
     assert grid_commands(["TTDS-HO"], force=True, queue=True)[0] == \
         "dvc exp run --force --queue --name ttds-ho -S tasks.high_order=false"
+    assert grid_commands(["ttds-ho"]) == grid_commands(["TTDS-HO"])  # names in any case, as the README writes them
     with pytest.raises(TTDSError, match="unknown"):
         grid_commands(["TTDS-X"])
 

@@ -181,3 +181,31 @@ def test_validation_sample_is_fixed_and_uses_validation_target():
     assert a == tasks.validation_samples(seqs, 3, seed=1)
     assert len(a) == 3 and all(h == [1, 2] and t == 3 for _, h, t in a)
     assert np.unique([u for u, _, _ in a]).size == 3
+
+
+def test_ts_align_describes_a_prefix_by_the_words_its_items_share():
+    titles = {0: "Racing Wheel Pro", 1: "Racing Pedals for the Wheel", 2: "Puzzle Quest", 3: "Quest of Puzzles"}
+    sids = ["<a_1><b_0><c_5>", "<a_1><b_2><c_5>", "<a_7><b_0><c_1>", "<a_7><b_0><c_2>"]
+    words = tasks.prefix_words(sids, titles, depth=2, k=2)
+    assert words["<a_1>"] == "racing, wheel"          # shared by both items under <a_1>
+    assert words["<a_7><b_0>"] == "quest, puzzle"     # quest in both; puzzle and puzzles once each: alphabetical
+    assert "<a_1><b_0><c_5>" not in words             # depth 2: no full SIDs
+    assert tasks.title_words("The NEW Game of the Year - 2 pack") == ["year"]  # stopwords, short words
+
+
+def test_ts_align_task_follows_the_switch_and_the_current_sid_table():
+    data = _data()
+    data.align_depth = 1
+    with pytest.raises(TTDSError, match="tasks.weights.ts_align"):
+        tasks.enabled_tasks({"seqrec": 1.0}, False, True, ts_align=True)
+    assert "ts_align" not in tasks.enabled_tasks({"seqrec": 1.0, "ts_align": 0.5}, False, True)
+    weights = tasks.enabled_tasks({"seqrec": 1.0, "ts_align": 1.0}, False, True, ts_align=True)
+    samples = tasks.build_samples(data, weights, seed=0)
+    align = [s for s in samples if s.task == "ts_align"]
+    assert len(align) == 5  # round(1.0 x 5 seqrec samples) of the 7 (depth, item) pairs
+    sample = tasks.Sample("ts_align", 1, 3)
+    prompt, words = tasks.render(sample, data, _sids(), template=0)
+    assert "<a_3>" in prompt and "<b_0>" not in prompt and words == "title"  # '&amp;' cleaned, digits < 3 chars
+    moved = tasks.SidTables(item=[f"<a_{i % 2}><b_0>" for i in range(7)])  # after a refresh: new prefixes
+    prompt, _ = tasks.render(sample, data, moved, template=0)
+    assert "<a_1>" in prompt

@@ -27,15 +27,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .cases import SPLITS, eval_cases, select_users, target_ranks
 from .config import get, seed_everything
 from .errors import TTDSError
 from .io import atomic_dir, read_parquet, write_json, write_parquet
-from .metrics import metric_table, rank_of
+from .metrics import metric_table
 from .prompts import seqrec_packed
 from .ranker import SCORINGS, Case, PromptBuilder, rank_cases, ranker_for
-
-SPLITS = ("valid", "test")
-_TARGET_POS = {"valid": -2, "test": -1}
 
 
 @dataclass
@@ -69,33 +67,6 @@ def eval_settings(params: dict) -> EvalSettings:
         packed=seqrec_packed(params))
 
 
-def select_users(sequences: pd.DataFrame, max_users: int | None, seed: int,
-                 source: str = "sequences.parquet") -> pd.DataFrame:
-    """Users with a train/valid/test split, all of them or a seeded sample of `max_users`."""
-    for col in ("user_id", "items"):
-        if col not in sequences.columns:
-            raise TTDSError(f"{source}: missing column {col}")
-    seqs = sequences.sort_values("user_id", kind="stable").reset_index(drop=True)
-    short = seqs["items"].map(len) < 3
-    if short.any():
-        raise TTDSError(f"{source}: user {int(seqs.loc[short, 'user_id'].iloc[0])} has fewer than 3 items, "
-                        "expected >= 3 (train, validation and test)")
-    if max_users is not None and max_users < len(seqs):
-        rows = np.sort(np.random.default_rng(seed).choice(len(seqs), size=max_users, replace=False))
-        seqs = seqs.iloc[rows].reset_index(drop=True)
-    return seqs
-
-
-def eval_cases(sequences: pd.DataFrame, split: str, max_history: int) -> list[Case]:
-    end = _TARGET_POS[split]
-    cases = []
-    for user, items in zip(sequences["user_id"].tolist(), sequences["items"]):
-        items = [int(i) for i in items]
-        before = items[:end]
-        cases.append(Case(int(user), split, before[-max_history:], before, items[end]))
-    return cases
-
-
 def rank_table(cases: list[Case], ranks: dict[bool, list[int | None]]) -> pd.DataFrame:
     """The `ranks.parquet` contract: user_id, split, target, rank (1-based or null), masked."""
     frames = [pd.DataFrame({
@@ -105,11 +76,6 @@ def rank_table(cases: list[Case], ranks: dict[bool, list[int | None]]) -> pd.Dat
         "rank": pd.array(mode_ranks, dtype="Int64"),
         "masked": masked}) for masked, mode_ranks in ranks.items()]
     return pd.concat(frames, ignore_index=True)
-
-
-def target_ranks(cases: list[Case], ranked: dict[bool, list]) -> dict[bool, list[int | None]]:
-    """1-based rank of each case's target in its ranked (item, score) list, or None."""
-    return {m: [rank_of(c.target, [i for i, _ in r]) for c, r in zip(cases, lists)] for m, lists in ranked.items()}
 
 
 def metrics_of(ranks: pd.DataFrame, ks) -> dict:

@@ -40,6 +40,7 @@ import resource
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -444,7 +445,11 @@ def build_model(params: dict, cfg: TrainConfig, index: IndexState, texts: dict, 
                       lora_dropout=get(params, "lora.dropout", float, min_value=0.0),
                       target_modules=list(get(params, "lora.targets", list)), task_type="CAUSAL_LM")
     try:
-        model = get_peft_model(model, lora)
+        with warnings.catch_warnings():
+            # peft probes `is_gradient_checkpointing`, which transformers 5 deprecates with a
+            # FutureWarning on every run; nothing for a user to act on
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model = get_peft_model(model, lora)
     except ValueError as exc:
         raise TTDSError(f"params: 'lora.targets' do not match the backbone's modules ({exc})") from None
     dynamic.install(model, sid.to(device))
@@ -491,7 +496,7 @@ def validate(module: TTDSModule, tokenizer, val: list, index: IndexState, cfg: T
     the evaluation code (trie-constrained beam search over every item, `eval.*` settings,
     masked per `eval.mask_history`), plus the teacher-forced loss and whole-SID arg-max
     accuracy of those targets."""
-    from .evaluate import target_ranks
+    from .cases import target_ranks
     from .metrics import metric_table
     from .ranker import Case, PromptBuilder, rank_cases, ranker_for
 
@@ -669,10 +674,15 @@ def run(params: dict, data_dir: str | Path = "data", metrics_dir: str | Path = "
 
     sequences, items, interactions, texts, x, tables = load_inputs(params, data_dir, cfg.towers)
     index = IndexState(tables=tables, x=x)
-    weights = tasks.enabled_tasks(get(params, "tasks.weights", dict),
-                                  get(params, "tasks.high_order", bool), "user" in cfg.towers)
+    ts_align = get(params, "tasks.ts_align", bool, False)
+    if ts_align and get(params, "index.length", int) < 2:
+        raise TTDSError("params: 'tasks.ts_align' needs SID prefixes, i.e. 'index.length' >= 2")
+    weights = tasks.enabled_tasks(get(params, "tasks.weights", dict), get(params, "tasks.high_order", bool),
+                                  "user" in cfg.towers, ts_align)
     data = tasks.build_task_data(sequences, items, interactions, max_history,
-                                 get(params, "tasks.max_next_user", int, min_value=1), cfg.packed)
+                                 get(params, "tasks.max_next_user", int, min_value=1), cfg.packed,
+                                 align_depth=get(params, "index.length", int) - 1,
+                                 align_words=get(params, "tasks.ts_align_words", int, 5, min_value=1))
     samples = tasks.build_samples(data, weights, cfg.seed)
     val = tasks.validation_samples(sequences, cfg.val_users, cfg.data_seed)
 

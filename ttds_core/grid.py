@@ -28,9 +28,9 @@ def grid_commands(names: list[str] | None = None, force: bool = False, queue: bo
     """The `dvc exp run` command of each variant (table order); with `queue`, the queue
     commands followed by the command that runs the queue."""
     names = list(VARIANTS) if not names else names
-    unknown = [n for n in names if n not in VARIANTS]
+    unknown = [n for n in names if n.lower() not in {v.lower() for v in VARIANTS}]
     if unknown:
-        raise TTDSError(f"--variant {unknown[0]!r}: unknown, expected one of {', '.join(VARIANTS)}")
+        raise TTDSError(f"--variant {unknown[0]!r}: unknown, expected one of {', '.join(VARIANTS)} (any case)")
     commands = []
     for name in names:
         cmd = dvc_exp_command(name, queue=queue)

@@ -6,6 +6,7 @@ place, so a stage killed half-way never leaves a file that looks valid.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -20,16 +21,68 @@ import pandas as pd
 from .errors import TTDSError
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)  # read once, at import: no other thread can create files meanwhile
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
+def _publish_mode(path: Path) -> None:
+    """Give a finished temp file or folder (and everything in it) the modes a plain write
+    would have (mkstemp/mkdtemp create them 0600/0700, unlike checked-out files).
+    Symbolic links are left alone (chmod would change their targets)."""
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        if not p.is_symlink():
+            p.chmod((0o777 if p.is_dir() else 0o666) & ~_UMASK)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _temp_prefix(path: Path) -> str:
+    # the writer's pid in the name: a later writer removes only the leftovers of dead ones
+    return f".{path.name}.tmp-{os.getpid()}-"
+
+
+def _clear_leftovers(path: Path) -> None:
+    """Remove what killed writers of `path` left behind (a kill skips the clean-up in the
+    writers below). A concurrent live writer's files are kept. When a writer was killed
+    between moving the old `path` aside and moving the new one in, the old one is put back
+    first, so the last complete artifact is never lost."""
+    for old in sorted(path.parent.glob(f".{glob.escape(path.name)}.tmp-*")):
+        pid = old.name[len(f".{path.name}.tmp-"):].split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        if old.name.endswith("-old") and not path.exists():
+            os.replace(old, path)
+        elif old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+
+
 @contextmanager
 def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
+    _clear_leftovers(path)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=suffix or ".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
         yield tmp
+        _publish_mode(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -41,11 +94,13 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temporary folder beside `path`; swap it in for `path` on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    _clear_leftovers(path)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), dir=path.parent))
     try:
         yield tmp
+        _publish_mode(tmp)
         if path.exists():
-            old = path.with_name(f".{path.name}.old")
+            old = path.with_name(f"{_temp_prefix(path)}old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
             os.replace(tmp, path)

@@ -53,6 +53,12 @@ PREFERENCE_TITLE = [
     "Based on the history {history}, name the next item that the user{user} will choose.",
 ]
 
+# TS-Align (TS-Rec): a SID prefix alone -> the words the titles of the items under it share.
+TS_ALIGN = [
+    "The semantic ID prefix {prefix} groups similar items. Which words do their titles share?",
+    "Items whose semantic ID starts with {prefix} are alike. Describe them in a few words.",
+]
+
 
 def seqrec_packed(params: dict) -> bool:
     """Whether `tasks.seqrec_format` is the packed one (prefix when unset)."""
@@ -96,3 +102,7 @@ def preference_prompt(history_sids: list[str], user_sid: str | None = None, temp
     pool = PREFERENCE if has_reviews else PREFERENCE_TITLE
     text = pool[template % len(pool)].format(user=user_clause(user_sid), history=", ".join(history_sids))
     return text + RESPONSE_PREFIX
+
+
+def ts_align_prompt(prefix_sid: str, template: int = 0) -> str:
+    return TS_ALIGN[template % len(TS_ALIGN)].format(prefix=prefix_sid) + RESPONSE_PREFIX

@@ -19,6 +19,7 @@ the training-time model's (tested), and ordinary `generate` works on it.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,7 +115,9 @@ def load_recommender(params: dict, model_dir: str | Path = "data/model", backbon
         head = model.get_output_embeddings().weight
         if head.data_ptr() != emb.data_ptr():
             head[first:first + n] = rows["output"].to(head.dtype)
-    model = PeftModel.from_pretrained(model, model_dir / "adapter", is_trainable=False)
+    with warnings.catch_warnings():  # peft's `is_gradient_checkpointing` probe (see finetune)
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        model = PeftModel.from_pretrained(model, model_dir / "adapter", is_trainable=False)
     if merge:
         model = model.merge_and_unload()
     model = model.to(device).eval()

@@ -108,7 +108,7 @@ def run_precompute(params: dict, model_dir=MODEL_DIR, backbone_dir=BACKBONE_DIR,
     cfg = serve_settings(params)
     stamp = fingerprint(params, model_dir, backbone_dir, processed_dir)
     sequences = read_parquet(Path(processed_dir) / "sequences.parquet", ["user_id", "items"])
-    from .evaluate import select_users
+    from .cases import select_users
 
     # every user, or a seeded sample (CPU budgets); users outside the cache are served by the model
     users = select_users(sequences, cfg["max_users"], get(params, "seed", int), "sequences.parquet")

@@ -127,10 +127,11 @@ def build_tower(tokenizer_path: Path, embeddings_path: Path, tower: str, max_suf
 
 def _check_config(cfg: dict, params: dict, path: Path) -> None:
     """The tokenizers on disk must match the current index params (else warmup is stale)."""
-    for key in ("kind", "length", "codebook_size"):
-        want = get(params, f"index.{key}", str if key == "kind" else int)
-        if cfg.get(key) != want:
-            raise TTDSError(f"{path}: tokenizer built with index.{key}={cfg.get(key)!r} but params say "
+    for key in ("index.kind", "index.length", "index.codebook_size"):
+        field = key.split(".")[1]
+        want = get(params, key, str if field == "kind" else int)
+        if cfg.get(field) != want:
+            raise TTDSError(f"{path}: tokenizer built with {key}={cfg.get(field)!r} but params say "
                             f"{want!r} (rerun the warmup stage)")
 
 

@@ -23,6 +23,12 @@ without rebuilding the sample list.
   (pos / length), ties broken by user id.
 - `preference` (key = user, pos as in seqrec): the history -> the user's review (or
   summary) of the next training item when there is one, else that item's title.
+- `ts_align` (TS-Align of TS-Rec; `tasks.ts_align`; key = prefix depth d, pos = item): the
+  first d tokens of the item's *current* SID alone -> the `tasks.ts_align_words` title words
+  shared by most items under that prefix (document frequency, ties alphabetical), so each
+  SID token means something in words before it is used in a recommendation. One sample per
+  (depth 1 .. index.length - 1, item): a prefix is drawn as often as it has items. Titles
+  are item text, never interactions, so no split is involved.
 
 Mixture size (`tasks.weights`): `seqrec` keeps round(w * N) of its N samples (1.0 = all;
 packed: N counts windows, not targets);
@@ -36,6 +42,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import re
+from collections import Counter
+
 import numpy as np
 import pandas as pd
 
@@ -43,7 +52,7 @@ from . import prompts
 from .errors import TTDSError
 from .text import clean_text, is_missing
 
-TASKS = ("seqrec", "next_user", "preference")
+TASKS = ("seqrec", "next_user", "preference", "ts_align")
 
 
 @dataclass(frozen=True)
@@ -63,6 +72,9 @@ class TaskData:
     max_history: int
     max_next_user: int
     packed: bool = False                      # tasks.seqrec_format == "packed"
+    align_depth: int = 0                      # ts_align: prefixes of 1 .. align_depth tokens
+    align_words: int = 5                      # ts_align: words per response
+    _align_cache: tuple = (None, {})          # (key of the SID table, prefix -> words)
 
 
 def train_sequences(sequences: pd.DataFrame) -> dict[int, list[int]]:
@@ -110,15 +122,50 @@ def train_reviews(interactions: pd.DataFrame | None) -> dict[tuple[int, int], st
 
 
 def build_task_data(sequences: pd.DataFrame, items: pd.DataFrame, interactions: pd.DataFrame | None,
-                    max_history: int, max_next_user: int, packed: bool = False) -> TaskData:
+                    max_history: int, max_next_user: int, packed: bool = False, align_depth: int = 0,
+                    align_words: int = 5) -> TaskData:
     """Everything the task samplers need, from the training part of each sequence only.
     `packed`: seqrec rows are packed windows (`prompts.seqrec_packed(params)`), else one
-    prefix per target."""
+    prefix per target. `align_depth`: the deepest SID prefix ts_align describes."""
     seqs = train_sequences(sequences)
     return TaskData(train_seqs=seqs, item_users=item_user_lists(seqs, interactions),
                     reviews=train_reviews(interactions),
                     titles={int(i): clean_text(t) for i, t in zip(items["item_id"], items["title"])},
-                    max_history=max_history, max_next_user=max_next_user, packed=packed)
+                    max_history=max_history, max_next_user=max_next_user, packed=packed,
+                    align_depth=align_depth, align_words=align_words)
+
+
+# Words that say nothing about an item cluster (English function words and catalogue filler).
+STOPWORDS = frozenset("""a an and are as at be by for from in into is it its of on or the this that to with
+    without your you new edition version pack set game games video""".split())
+_SID_TOKEN = re.compile(r"<[^>]+>")
+
+
+def title_words(title: str) -> list[str]:
+    """Distinct content words of a title, in order: lowercase letters and digits (any
+    script), >= 3 characters, no stopwords."""
+    seen = dict.fromkeys(w for w in re.findall(r"[^\W_]+", title.lower()) if len(w) >= 3 and w not in STOPWORDS)
+    return list(seen)
+
+
+def prefix_words(item_sids: list[str], titles: dict[int, str], depth: int, k: int) -> dict[str, str]:
+    """SID prefix (1 .. depth tokens) -> its `k` most shared title words, ", "-joined."""
+    counts: dict[str, Counter] = {}
+    for item, sid in enumerate(item_sids):
+        words = title_words(titles.get(item, ""))
+        tokens = _SID_TOKEN.findall(sid)
+        for d in range(1, min(depth, len(tokens)) + 1):
+            counts.setdefault("".join(tokens[:d]), Counter()).update(words)
+    return {prefix: ", ".join(w for w, _ in sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))[:k])
+            for prefix, c in counts.items()}
+
+
+def _aligned_words(data: TaskData, item_sids: list[str]) -> dict[str, str]:
+    """`prefix_words` of the current SID table, recomputed only after an index refresh."""
+    key = (data.align_depth, data.align_words, hash(tuple(item_sids)))
+    if data._align_cache[0] != key:
+        data._align_cache = (key, prefix_words(item_sids, data.titles, data.align_depth, data.align_words))
+    return data._align_cache[1]
 
 
 def _stride(max_history: int) -> int:
@@ -154,17 +201,24 @@ def _pool(task: str, data: TaskData) -> list[Sample]:
         return [Sample(task, u, p) for u, seq in sorted(data.train_seqs.items()) for p in range(1, len(seq))]
     if task == "next_user":
         return [Sample(task, i, k) for i, users in sorted(data.item_users.items()) for k in range(1, len(users))]
+    if task == "ts_align":
+        return [Sample(task, d, i) for d in range(1, data.align_depth + 1) for i in sorted(data.titles)]
     raise TTDSError(f"tasks.weights: unknown task {task!r}, expected one of {', '.join(TASKS)}")
 
 
-def enabled_tasks(weights: dict, high_order: bool, user_tower: bool) -> dict[str, float]:
+def enabled_tasks(weights: dict, high_order: bool, user_tower: bool, ts_align: bool = False) -> dict[str, float]:
     """The tasks that run: seqrec always; high-order ones only with `tasks.high_order`,
-    and next_user only with the user tower (STDS has no user tokens at all)."""
+    next_user only with the user tower (STDS has no user tokens at all), ts_align only
+    with `tasks.ts_align`."""
     out = {"seqrec": float(weights.get("seqrec", 1.0))}
     if high_order:
         if user_tower:
             out["next_user"] = float(weights.get("next_user", 0.0))
         out["preference"] = float(weights.get("preference", 0.0))
+    if ts_align:
+        if "ts_align" not in weights:
+            raise TTDSError("params: 'tasks.ts_align' is on but 'tasks.weights.ts_align' is missing")
+        out["ts_align"] = float(weights["ts_align"])
     for name, w in out.items():
         if not 0.0 <= w or (name == "seqrec" and not 0.0 < w <= 1.0):
             raise TTDSError(f"params: 'tasks.weights.{name}' = {w}, expected seqrec in (0, 1] and others >= 0")
@@ -223,18 +277,25 @@ def render(sample: Sample, data: TaskData, sids: SidTables, template: int, eos: 
         before = users[max(0, sample.pos - data.max_next_user):sample.pos]
         prompt = prompts.next_user_prompt(sids.item[sample.key], [sids.user[u] for u in before], template)
         return prompt, sids.user[users[sample.pos]]
+    if sample.task == "ts_align":
+        prefix = "".join(_SID_TOKEN.findall(sids.item[sample.pos])[:sample.key])
+        words = _aligned_words(data, sids.item)[prefix] or data.titles[sample.pos]
+        return prompts.ts_align_prompt(prefix, template), words
     raise TTDSError(f"unknown task {sample.task!r}")
 
 
 def n_templates(task: str) -> int:
     return {"seqrec": min(len(prompts.SEQREC), len(prompts.SEQREC_PACKED)), "next_user": len(prompts.NEXT_USER),
-            "preference": min(len(prompts.PREFERENCE), len(prompts.PREFERENCE_TITLE))}[task]
+            "preference": min(len(prompts.PREFERENCE), len(prompts.PREFERENCE_TITLE)),
+            "ts_align": len(prompts.TS_ALIGN)}[task]
 
 
 def approx_length(sample: Sample, data: TaskData) -> int:
     """Prompt length proxy (entities shown) for length-bucketed batching, before rendering."""
     if sample.task == "next_user":
         return min(sample.pos, data.max_next_user)
+    if sample.task == "ts_align":
+        return 1
     if sample.task == "seqrec" and data.packed:
         return sample.pos - window_start(sample.pos, data.max_history)
     return min(sample.pos, data.max_history)

@@ -31,10 +31,17 @@ def _yaml_value(value) -> str:
     return str(value)
 
 
+def canonical(name: str) -> str:
+    """The variant's table name, whatever the case it is written in (`ttds-dm` -> `TTDS-DM`:
+    experiments are named in lowercase)."""
+    for known in VARIANTS:
+        if known.lower() == name.lower():
+            return known
+    raise TTDSError(f"unknown variant {name!r}, expected one of {', '.join(VARIANTS)} (any case)")
+
+
 def overrides(name: str) -> dict:
-    if name not in VARIANTS:
-        raise TTDSError(f"unknown variant {name!r}, expected one of {', '.join(VARIANTS)}")
-    return dict(VARIANTS[name])
+    return dict(VARIANTS[canonical(name)])
 
 
 def dvc_exp_command(name: str, queue: bool = False) -> str:

@@ -1,0 +1,250 @@
+"""The separable benchmark's report: TTDS and every baseline on the same users, learning
+curves and paired tests, from the outputs of one `make benchmark` run.
+
+    python -m bench.benchmark_report [--root .] [--out docs/bench/benchmark]
+
+Reads what `dvc exp run` left in the workspace at `--root` (docs/benchmark.md names the
+command): `metrics/{preprocess,finetune,eval}.json`, `metrics/baselines/*.json`, the per-user
+ranks `data/eval/ranks.parquet` and `data/baselines/<model>/ranks.parquet`, the baselines'
+per-epoch validation `data/baselines/<model>/history.json`, and `params.yaml`. Writes into
+`--out`:
+
+- `results.json`: the subset, every model's valid/test HR@1/5/10 and NDCG@5/10 (unmasked and
+  masked), epochs and seconds, and the paired tests of TTDS against SASRec and MostPop;
+- `results.md`: the same as markdown tables (pasted into docs/benchmark.md);
+- `curves/<model>.csv` (epoch, valid_NDCG@10) for `dvc plots show` (dvc.yaml, top-level
+  `plots`) and `learning_curves.png`: validation NDCG@10 per epoch of every model.
+
+Every model must have ranked the same users on the same targets: the paired test refuses
+otherwise (`ttds_core.report.paired_test`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+from pathlib import Path
+
+import yaml
+
+from ttds_core.errors import TTDSError
+from ttds_core.io import atomic_path, read_json, read_parquet, write_json
+from ttds_core.report import BASELINE_LABELS, METRICS, RANK_COLUMNS, paired_test
+
+MODELS = ("mostpop", "gru4rec", "bert4rec", "fmlprec", "sasrec")  # table order; TTDS last
+SECTIONS = ("test", "test_masked", "valid", "valid_masked")
+
+
+def load(root: Path, masked: bool = False) -> dict:
+    """Every model's metrics, ranks and validation curve from one benchmark workspace
+    (`masked`: eval.mask_history, the validation every model selected on)."""
+    models = {}
+    for name in MODELS:
+        metrics_path = root / "metrics" / "baselines" / f"{name}.json"
+        if not metrics_path.exists():
+            raise TTDSError(f"{metrics_path}: missing; the benchmark runs every baseline (see docs/benchmark.md)")
+        history = root / "data" / "baselines" / name / "history.json"
+        curve = [(int(e["epoch"]), float(e["valid_NDCG@10"])) for e in read_json(history)["epochs"]] \
+            if history.exists() else []
+        models[BASELINE_LABELS[name]] = {"metrics": read_json(metrics_path), "curve": curve,
+                                          "ranks": root / "data" / "baselines" / name / "ranks.parquet"}
+    finetune = read_json(root / "metrics" / "finetune.json")
+    # TTDS validates after every pass over its training rows and once more where a budget
+    # (train.max_minutes) ends training mid-epoch: x is the step in epochs (fractional there).
+    per_epoch = finetune["planned_steps"] / finetune["epochs"]
+    curve = [(round(v["step"] / per_epoch, 2), float(v["val_NDCG@10"])) for v in finetune.get("validation", [])]
+    models["TTDS"] = {"metrics": read_json(root / "metrics" / "eval.json"), "curve": curve,
+                      "ranks": root / "data" / "eval" / "ranks.parquet", "finetune": finetune}
+    # MostPop does not train: its validation score is one flat line over the epochs shown.
+    last = math.ceil(max((e for m in models.values() for e, _ in m["curve"]), default=1))
+    for m in models.values():
+        if not m["curve"]:
+            valid = m["metrics"]["valid_masked" if masked else "valid"]["NDCG@10"]
+            m["curve"] = [(e, float(valid)) for e in range(1, last + 1)]
+    return models
+
+
+def table(models: dict) -> dict:
+    out = {}
+    for name, m in models.items():
+        metrics = m["metrics"]
+        row = {s: {k: round(float(metrics[s][k]), 4) for k in METRICS} for s in SECTIONS}
+        row["users"] = metrics.get("users")
+        if name == "TTDS":
+            ft = m["finetune"]
+            per_epoch = ft["planned_steps"] / ft["epochs"]
+            row.update(epochs=round(ft["steps"] / per_epoch, 2), steps=ft.get("steps"),
+                       best_epoch=round((ft.get("best") or {}).get("step", 0) / per_epoch, 2), best=ft.get("best"),
+                       stopped_early=ft.get("stopped_early"), stopped_by_max_minutes=ft.get("stopped_by_max_minutes"),
+                       train_seconds=ft.get("train_seconds"), eval_seconds=metrics.get("seconds"))
+        else:
+            row.update(epochs=metrics.get("epochs"), best_epoch=metrics.get("best_epoch"),
+                       seconds=metrics.get("seconds"))
+        out[name] = row
+    users = {name: row["users"] for name, row in out.items()}
+    if len(set(users.values())) != 1:
+        raise TTDSError(f"models ranked different numbers of users {users}: not the same benchmark run")
+    return out
+
+
+def paired(models: dict) -> dict:
+    ours = read_parquet(models["TTDS"]["ranks"], RANK_COLUMNS)
+    out = {}
+    for other in ("SASRec", "MostPop"):
+        theirs = read_parquet(models[other]["ranks"], RANK_COLUMNS)
+        for split in ("test", "valid"):
+            for masked in (False, True):
+                key = f"{split}_masked" if masked else split
+                out.setdefault(other, {})[key] = paired_test(ours, theirs, masked, theirs_name=other, split=split)
+    return out
+
+
+def by_popularity(models: dict, root: Path, split: str = "test") -> dict:
+    """Test NDCG@10 (unmasked) per model on three equal-size groups of users, by how often
+    their target item occurs in the training sequences: does a model win on the head or the
+    tail? (Training counts only: the items before each user's validation target.)"""
+    import numpy as np
+    import pandas as pd
+
+    sequences = read_parquet(root / "data" / "processed" / "sequences.parquet", ["user_id", "items"])
+    counts = pd.Series([int(i) for items in sequences["items"] for i in items[:-2]]).value_counts()
+    out = {}
+    for name, m in models.items():
+        r = read_parquet(m["ranks"], RANK_COLUMNS)
+        r = r[(r["split"] == split) & (~r["masked"])].sort_values("user_id")
+        rank = pd.to_numeric(r["rank"], errors="coerce").to_numpy(float)
+        gain = np.where(np.isfinite(rank) & (rank <= 10), 1.0 / np.log2(np.nan_to_num(rank, nan=1e9) + 1.0), 0.0)
+        pop = r["target"].map(counts).fillna(0).to_numpy()
+        order = np.argsort(pop, kind="stable")
+        groups = np.array_split(order, 3)
+        out[name] = {label: {"users": len(g), "target_train_count_median": float(np.median(pop[g])),
+                             "NDCG@10": round(float(gain[g].mean()), 4)}
+                     for label, g in zip(("tail", "middle", "head"), groups)}
+    return out
+
+
+def top1_popularity(root: Path) -> dict | None:
+    """How popular TTDS's first recommendation is, from the serving cache (`precompute`:
+    `serve.max_users` users, history masked): the share of top-1 items among the 10 most
+    frequent training items, and the median training count of top-1 items against that of
+    the same users' test targets."""
+    import numpy as np
+    import pandas as pd
+
+    path = root / "data" / "serving" / "topk.parquet"
+    if not path.exists():
+        return None
+    sequences = read_parquet(root / "data" / "processed" / "sequences.parquet", ["user_id", "items"])
+    counts = pd.Series([int(i) for items in sequences["items"] for i in items[:-2]]).value_counts()
+    top10 = set(counts.index[:10])
+    cache = read_parquet(path, ["user_id", "items"])
+    target = dict(zip(sequences["user_id"], (items[-1] for items in sequences["items"])))
+    first = [int(items[0]) for items in cache["items"] if len(items)]
+    return {"users": len(first), "top1_in_10_most_popular": round(float(np.mean([i in top10 for i in first])), 3),
+            "top1_distinct_items": len(set(first)),
+            "top1_train_count_median": float(np.median([counts.get(i, 0) for i in first])),
+            "target_train_count_median": float(np.median([counts.get(int(target[u]), 0) for u in cache["user_id"]]))}
+
+
+def write_curves(models: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for name, m in models.items():
+        path = out / "curves" / f"{name.lower().replace('-', '')}.csv"
+        with atomic_path(path, ".csv") as tmp, open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["epoch", "valid_NDCG@10"])
+            w.writerows((e, f"{v:.5f}") for e, v in m["curve"])
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name, m in models.items():
+        if m["curve"]:
+            xs, ys = zip(*m["curve"])
+            flat = name == "MostPop"  # not trained: one value
+            ax.plot(xs, ys, marker=None if flat else "o", ms=3, ls="--" if flat else "-",
+                    lw=2.2 if name == "TTDS" else 1.2, label=name)
+    ax.set_xlabel("epoch (pass over the training data)")
+    ax.set_ylabel("validation NDCG@10")
+    ax.set_title("Learning curves on the separable benchmark")
+    ax.grid(alpha=0.3)
+    ax.legend(frameon=False)
+    fig.tight_layout()
+    with atomic_path(out / "learning_curves.png", ".png") as tmp:
+        fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+
+
+def markdown(subset: dict, rows: dict, tests: dict, popularity: dict, top1: dict | None) -> str:
+    lines = [f"Subset: {subset['users']:,} users, {subset['items']:,} items, {subset['interactions']:,} "
+             f"interactions; every model ranks all {rows['TTDS']['users']:,} users over all items.", ""]
+    for section, title in (("test", "Test, unmasked"), ("test_masked", "Test, history masked"),
+                           ("valid", "Validation, unmasked"), ("valid_masked", "Validation, history masked")):
+        lines += [f"**{title}**", "", "| model | " + " | ".join(METRICS) + " | NDCG@10 / MostPop |",
+                  "|---|" + "---|" * (len(METRICS) + 1)]
+        pop = rows["MostPop"][section]["NDCG@10"]
+        for name, row in rows.items():
+            cells = [f"{row[section][k]:.4f}" for k in METRICS]
+            bold = "**" if name == "TTDS" else ""
+            lines.append(f"| {bold}{name}{bold} | " + " | ".join(cells) + f" | {row[section]['NDCG@10'] / pop:.2f}x |")
+        lines.append("")
+    lines += ["**Paired tests, TTDS against each model, per user** (NDCG@10: Wilcoxon signed-rank; HR@10: "
+              "exact McNemar on the users where exactly one model hits)", "",
+              "| vs | split | users | NDCG@10 TTDS vs other | Wilcoxon p | HR@10 TTDS vs other | "
+              "hits only TTDS / only other | McNemar p |", "|---|---|---|---|---|---|---|---|"]
+    for other, by in tests.items():
+        for key, t in by.items():
+            lines.append(f"| {other} | {key} | {t['users']} | {t['ndcg10_ours']:.4f} vs {t['ndcg10_theirs']:.4f} | "
+                         f"{t['wilcoxon_p']:.2g} | {t['hit10_ours']:.4f} vs {t['hit10_theirs']:.4f} | "
+                         f"{t['hits_only_ours']} / {t['hits_only_theirs']} | {t['mcnemar_p']:.2g} |")
+    lines += ["", "**Test NDCG@10 (unmasked) by target popularity** (users split in three equal groups by how "
+              "often their test item occurs in training; median count in brackets)", "",
+              "| model | tail | middle | head |", "|---|---|---|---|"]
+    for name, groups in popularity.items():
+        lines.append(f"| {name} | " + " | ".join(f"{g['NDCG@10']:.4f} ({g['target_train_count_median']:.0f})"
+                                               for g in groups.values()) + " |")
+    if top1:
+        lines += ["", f"**TTDS's first recommendation** ({top1['users']} users of the serving cache, history masked): "
+                  f"{top1['top1_in_10_most_popular']:.0%} are among the 10 most frequent training items; "
+                  f"{top1['top1_distinct_items']} distinct items; median training count {top1['top1_train_count_median']:.0f} "
+                  f"against {top1['target_train_count_median']:.0f} for the same users' test targets."]
+    lines += ["", "**Training** (2-core CPU)", "", "| model | epochs run | best epoch | seconds |", "|---|---|---|---|"]
+    for name, row in rows.items():
+        if name == "TTDS":
+            best = row.get("best") or {}
+            lines.append(f"| TTDS | {row['epochs']} ({row['steps']} steps) | {row['best_epoch']} (step {best.get('step', '—')}) | "
+                         f"{row['train_seconds']} train + {row['eval_seconds']} evaluate |")
+        else:
+            lines.append(f"| {name} | {row['epochs']} | {row['best_epoch']} | {row['seconds']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--root", default=".", help="the workspace the benchmark ran in")
+    ap.add_argument("--out", default="docs/bench/benchmark")
+    args = ap.parse_args(argv)
+    root, out = Path(args.root), Path(args.out)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    models = load(root, masked=bool(params["eval"].get("mask_history")))
+    subset = read_json(root / "metrics" / "preprocess.json")
+    rows = table(models)
+    tests = paired(models)
+    popularity = by_popularity(models, root)
+    top1 = top1_popularity(root)
+    result = {"subset": {k: subset.get(k) for k in ("users", "items", "interactions")},
+              "params": {"data": params["data"], "train": params["train"], "eval": params["eval"]},
+              "models": rows, "paired_tests": tests, "by_target_popularity": popularity, "ttds_top1": top1,
+              "curves": {name: m["curve"] for name, m in models.items()}}
+    write_json(out / "results.json", result)
+    write_curves(models, out)
+    with atomic_path(out / "results.md", ".md") as tmp:
+        tmp.write_text(markdown(result["subset"], rows, tests, popularity, top1))
+    print((out / "results.md").read_text())
+    return result
+
+
+if __name__ == "__main__":
+    main()

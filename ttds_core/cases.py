@@ -1,0 +1,49 @@
+"""Who is ranked, on what: the users a stage ranks and their leave-one-out cases.
+
+Shared by `evaluate`, validation inside `finetune` and `precompute`, so that none of them
+imports another stage's module (and each stage's dvc.yaml deps stay its own).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from .errors import TTDSError
+from .metrics import rank_of
+from .ranker import Case
+
+SPLITS = ("valid", "test")
+_TARGET_POS = {"valid": -2, "test": -1}  # leave-one-out: last item = test, second last = valid
+
+
+def select_users(sequences: pd.DataFrame, max_users: int | None, seed: int,
+                 source: str = "sequences.parquet") -> pd.DataFrame:
+    """Users with a train/valid/test split, all of them or a seeded sample of `max_users`."""
+    for col in ("user_id", "items"):
+        if col not in sequences.columns:
+            raise TTDSError(f"{source}: missing column {col}")
+    seqs = sequences.sort_values("user_id", kind="stable").reset_index(drop=True)
+    short = seqs["items"].map(len) < 3
+    if short.any():
+        raise TTDSError(f"{source}: user {int(seqs.loc[short, 'user_id'].iloc[0])} has fewer than 3 items, "
+                        "expected >= 3 (train, validation and test)")
+    if max_users is not None and max_users < len(seqs):
+        rows = np.sort(np.random.default_rng(seed).choice(len(seqs), size=max_users, replace=False))
+        seqs = seqs.iloc[rows].reset_index(drop=True)
+    return seqs
+
+
+def eval_cases(sequences: pd.DataFrame, split: str, max_history: int) -> list[Case]:
+    end = _TARGET_POS[split]
+    cases = []
+    for user, items in zip(sequences["user_id"].tolist(), sequences["items"]):
+        items = [int(i) for i in items]
+        before = items[:end]
+        cases.append(Case(int(user), split, before[-max_history:], before, items[end]))
+    return cases
+
+
+def target_ranks(cases: list[Case], ranked: dict[bool, list]) -> dict[bool, list[int | None]]:
+    """1-based rank of each case's target in its ranked (item, score) list, or None."""
+    return {m: [rank_of(c.target, [i for i, _ in r]) for c, r in zip(cases, lists)] for m, lists in ranked.items()}
