@@ -30,7 +30,7 @@ import yaml
 
 from ttds_core.errors import TTDSError
 from ttds_core.io import atomic_path, read_json, read_parquet, write_json
-from ttds_core.report import BASELINE_LABELS, METRICS, RANK_COLUMNS, paired_test
+from ttds_core.report import BASELINE_LABELS, METRICS, RANK_COLUMNS, paired_test, per_user
 
 MODELS = ("mostpop", "gru4rec", "bert4rec", "fmlprec", "sasrec")  # table order; TTDS last
 SECTIONS = ("test", "test_masked", "valid", "valid_masked")
@@ -48,14 +48,16 @@ def load(root: Path, masked: bool = False) -> dict:
         curve = [(int(e["epoch"]), float(e["valid_NDCG@10"])) for e in read_json(history)["epochs"]] \
             if history.exists() else []
         models[BASELINE_LABELS[name]] = {"metrics": read_json(metrics_path), "curve": curve,
-                                          "ranks": root / "data" / "baselines" / name / "ranks.parquet"}
+                                          "ranks": read_parquet(root / "data" / "baselines" / name / "ranks.parquet",
+                                                                RANK_COLUMNS)}
     finetune = read_json(root / "metrics" / "finetune.json")
     # TTDS validates after every pass over its training rows and once more where a budget
     # (train.max_minutes) ends training mid-epoch: x is the step in epochs (fractional there).
     per_epoch = finetune["planned_steps"] / finetune["epochs"]
     curve = [(round(v["step"] / per_epoch, 2), float(v["val_NDCG@10"])) for v in finetune.get("validation", [])]
     models["TTDS"] = {"metrics": read_json(root / "metrics" / "eval.json"), "curve": curve,
-                      "ranks": root / "data" / "eval" / "ranks.parquet", "finetune": finetune}
+                      "ranks": read_parquet(root / "data" / "eval" / "ranks.parquet", RANK_COLUMNS),
+                      "finetune": finetune, "steps_per_epoch": per_epoch}
     # MostPop does not train: its validation score is one flat line over the epochs shown.
     last = math.ceil(max((e for m in models.values() for e, _ in m["curve"]), default=1))
     for m in models.values():
@@ -72,8 +74,7 @@ def table(models: dict) -> dict:
         row = {s: {k: round(float(metrics[s][k]), 4) for k in METRICS} for s in SECTIONS}
         row["users"] = metrics.get("users")
         if name == "TTDS":
-            ft = m["finetune"]
-            per_epoch = ft["planned_steps"] / ft["epochs"]
+            ft, per_epoch = m["finetune"], m["steps_per_epoch"]
             row.update(epochs=round(ft["steps"] / per_epoch, 2), steps=ft.get("steps"),
                        best_epoch=round((ft.get("best") or {}).get("step", 0) / per_epoch, 2), best=ft.get("best"),
                        stopped_early=ft.get("stopped_early"), stopped_by_max_minutes=ft.get("stopped_by_max_minutes"),
@@ -89,10 +90,10 @@ def table(models: dict) -> dict:
 
 
 def paired(models: dict) -> dict:
-    ours = read_parquet(models["TTDS"]["ranks"], RANK_COLUMNS)
+    ours = models["TTDS"]["ranks"]
     out = {}
     for other in ("SASRec", "MostPop"):
-        theirs = read_parquet(models[other]["ranks"], RANK_COLUMNS)
+        theirs = models[other]["ranks"]
         for split in ("test", "valid"):
             for masked in (False, True):
                 key = f"{split}_masked" if masked else split
@@ -100,22 +101,23 @@ def paired(models: dict) -> dict:
     return out
 
 
-def by_popularity(models: dict, root: Path, split: str = "test") -> dict:
-    """Test NDCG@10 (unmasked) per model on three equal-size groups of users, by how often
-    their target item occurs in the training sequences: does a model win on the head or the
-    tail? (Training counts only: the items before each user's validation target.)"""
-    import numpy as np
+def train_counts(sequences):
+    """item -> how often it occurs in the training part of the sequences (`items[:-2]`)."""
     import pandas as pd
 
-    sequences = read_parquet(root / "data" / "processed" / "sequences.parquet", ["user_id", "items"])
-    counts = pd.Series([int(i) for items in sequences["items"] for i in items[:-2]]).value_counts()
+    return pd.Series([int(i) for items in sequences["items"] for i in items[:-2]]).value_counts()
+
+
+def by_popularity(models: dict, counts, split: str = "test") -> dict:
+    """Test NDCG@10 (unmasked) per model on three equal-size groups of users, by how often
+    their target item occurs in training (`counts`): does a model win on the head or the tail?"""
+    import numpy as np
+
     out = {}
     for name, m in models.items():
-        r = read_parquet(m["ranks"], RANK_COLUMNS)
-        r = r[(r["split"] == split) & (~r["masked"])].sort_values("user_id")
-        rank = pd.to_numeric(r["rank"], errors="coerce").to_numpy(float)
-        gain = np.where(np.isfinite(rank) & (rank <= 10), 1.0 / np.log2(np.nan_to_num(rank, nan=1e9) + 1.0), 0.0)
-        pop = r["target"].map(counts).fillna(0).to_numpy()
+        users = per_user(m["ranks"], masked=False, split=split).sort_index()
+        gain = users["ndcg10"].to_numpy()
+        pop = users["target"].map(counts).fillna(0).to_numpy()
         order = np.argsort(pop, kind="stable")
         groups = np.array_split(order, 3)
         out[name] = {label: {"users": len(g), "target_train_count_median": float(np.median(pop[g])),
@@ -124,19 +126,16 @@ def by_popularity(models: dict, root: Path, split: str = "test") -> dict:
     return out
 
 
-def top1_popularity(root: Path) -> dict | None:
+def top1_popularity(root: Path, sequences, counts) -> dict | None:
     """How popular TTDS's first recommendation is, from the serving cache (`precompute`:
     `serve.max_users` users, history masked): the share of top-1 items among the 10 most
     frequent training items, and the median training count of top-1 items against that of
     the same users' test targets."""
     import numpy as np
-    import pandas as pd
 
     path = root / "data" / "serving" / "topk.parquet"
     if not path.exists():
         return None
-    sequences = read_parquet(root / "data" / "processed" / "sequences.parquet", ["user_id", "items"])
-    counts = pd.Series([int(i) for items in sequences["items"] for i in items[:-2]]).value_counts()
     top10 = set(counts.index[:10])
     cache = read_parquet(path, ["user_id", "items"])
     target = dict(zip(sequences["user_id"], (items[-1] for items in sequences["items"])))
@@ -232,8 +231,10 @@ def main(argv=None) -> dict:
     subset = read_json(root / "metrics" / "preprocess.json")
     rows = table(models)
     tests = paired(models)
-    popularity = by_popularity(models, root)
-    top1 = top1_popularity(root)
+    sequences = read_parquet(root / "data" / "processed" / "sequences.parquet", ["user_id", "items"])
+    counts = train_counts(sequences)
+    popularity = by_popularity(models, counts)
+    top1 = top1_popularity(root, sequences, counts)
     result = {"subset": {k: subset.get(k) for k in ("users", "items", "interactions")},
               "params": {"data": params["data"], "train": params["train"], "eval": params["eval"]},
               "models": rows, "paired_tests": tests, "by_target_popularity": popularity, "ttds_top1": top1,

@@ -14,6 +14,8 @@ loads in under a second); an HF folder is only recorded in `backbone.json`, not 
 from __future__ import annotations
 
 import importlib.util
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -172,6 +174,15 @@ def load_backbone(params: dict, device=None, dtype=None, backbone_dir: str | Pat
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model.to(device).eval(), tokenizer
+
+
+@contextmanager
+def quiet_peft():
+    """Wrap a peft call: peft probes `is_gradient_checkpointing`, which transformers 5
+    deprecates with a FutureWarning on every run; nothing for a user to act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def hf_model(model):

@@ -40,7 +40,6 @@ import resource
 import shutil
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import dynamic, tasks
-from .backbone import decoder_of, hf_model
+from .backbone import decoder_of, hf_model, quiet_peft
 from .config import get, rng_state, seed_everything, set_rng_state
 from .errors import TTDSError
 from .io import atomic_dir, hash_files, load_tensors, read_json, read_npy, read_parquet, save_tensors, write_json, \
@@ -445,10 +444,7 @@ def build_model(params: dict, cfg: TrainConfig, index: IndexState, texts: dict, 
                       lora_dropout=get(params, "lora.dropout", float, min_value=0.0),
                       target_modules=list(get(params, "lora.targets", list)), task_type="CAUSAL_LM")
     try:
-        with warnings.catch_warnings():
-            # peft probes `is_gradient_checkpointing`, which transformers 5 deprecates with a
-            # FutureWarning on every run; nothing for a user to act on
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        with quiet_peft():
             model = get_peft_model(model, lora)
     except ValueError as exc:
         raise TTDSError(f"params: 'lora.targets' do not match the backbone's modules ({exc})") from None
@@ -674,19 +670,19 @@ def run(params: dict, data_dir: str | Path = "data", metrics_dir: str | Path = "
 
     sequences, items, interactions, texts, x, tables = load_inputs(params, data_dir, cfg.towers)
     index = IndexState(tables=tables, x=x)
-    ts_align = get(params, "tasks.ts_align", bool, False)
-    if ts_align and get(params, "index.length", int) < 2:
+    ts_align, sid_length = get(params, "tasks.ts_align", bool, False), get(params, "index.length", int)
+    if ts_align and sid_length < 2:
         raise TTDSError("params: 'tasks.ts_align' needs SID prefixes, i.e. 'index.length' >= 2")
     weights = tasks.enabled_tasks(get(params, "tasks.weights", dict), get(params, "tasks.high_order", bool),
                                   "user" in cfg.towers, ts_align)
     data = tasks.build_task_data(sequences, items, interactions, max_history,
                                  get(params, "tasks.max_next_user", int, min_value=1), cfg.packed,
-                                 align_depth=get(params, "index.length", int) - 1,
+                                 align_depth=sid_length - 1,
                                  align_words=get(params, "tasks.ts_align_words", int, 5, min_value=1))
     samples = tasks.build_samples(data, weights, cfg.seed)
     val = tasks.validation_samples(sequences, cfg.val_users, cfg.data_seed)
 
-    tokenizers = load_tokenizers(data_dir, cfg.towers, x, cfg, get(params, "index.length", int),
+    tokenizers = load_tokenizers(data_dir, cfg.towers, x, cfg, sid_length,
                                  get(params, "index.codebook_size", int))
     lm, tokenizer, sid = build_model(params, cfg, index, texts, tokenizers, data_dir / "backbone", device)
     module = TTDSModule(lm, sid, cfg, tokenizer.eos_token_id).to(device)

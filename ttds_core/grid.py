@@ -18,7 +18,7 @@ import subprocess
 import sys
 
 from .errors import TTDSError
-from .variants import VARIANTS, dvc_exp_command
+from .variants import VARIANTS, dvc_exp_command, variant_name
 
 # What a workspace run changes and the end of the grid puts back (tracked by git).
 BASELINE_FILES = ("params.yaml", "dvc.lock", "metrics")
@@ -28,7 +28,7 @@ def grid_commands(names: list[str] | None = None, force: bool = False, queue: bo
     """The `dvc exp run` command of each variant (table order); with `queue`, the queue
     commands followed by the command that runs the queue."""
     names = list(VARIANTS) if not names else names
-    unknown = [n for n in names if n.lower() not in {v.lower() for v in VARIANTS}]
+    unknown = [n for n in names if variant_name(n) is None]
     if unknown:
         raise TTDSError(f"--variant {unknown[0]!r}: unknown, expected one of {', '.join(VARIANTS)} (any case)")
     commands = []

@@ -19,7 +19,6 @@ the training-time model's (tested), and ordinary `generate` works on it.
 from __future__ import annotations
 
 import json
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,7 +86,7 @@ def load_recommender(params: dict, model_dir: str | Path = "data/model", backbon
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from .backbone import load_backbone, pick_device
+    from .backbone import load_backbone, pick_device, quiet_peft
 
     model_dir = Path(model_dir)
     meta = read_json(model_dir / "recommender.json")
@@ -115,8 +114,7 @@ def load_recommender(params: dict, model_dir: str | Path = "data/model", backbon
         head = model.get_output_embeddings().weight
         if head.data_ptr() != emb.data_ptr():
             head[first:first + n] = rows["output"].to(head.dtype)
-    with warnings.catch_warnings():  # peft's `is_gradient_checkpointing` probe (see finetune)
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    with quiet_peft():
         model = PeftModel.from_pretrained(model, model_dir / "adapter", is_trainable=False)
     if merge:
         model = model.merge_and_unload()

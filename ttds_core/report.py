@@ -26,7 +26,7 @@ from .config import get
 from .errors import TTDSError
 from .io import atomic_path, read_json, read_parquet
 from .metrics import metric_table
-from .variants import VARIANTS
+from .variants import VARIANTS, variant_name
 
 METRICS = ("HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10")
 BASELINE_LABELS = {"mostpop": "MostPop", "gru4rec": "GRU4Rec", "bert4rec": "BERT4Rec", "fmlprec": "FMLP-Rec",
@@ -82,12 +82,6 @@ PAPER_ABLATION = {
 
 
 # ---------------------------------------------------------------- reading results
-
-def _variant_name(name: str) -> str | None:
-    """Experiment name (`ttds-ho`, as `dvc_exp_command` writes it) -> variant (`TTDS-HO`)."""
-    by_lower = {v.lower(): v for v in VARIANTS}
-    return by_lower.get(str(name).lower())
-
 
 def _eval_metrics(metrics_files: dict) -> dict | None:
     """The `metrics/eval.json` entry of one `dvc exp show` revision, if it has data."""
@@ -234,9 +228,9 @@ def load_experiments(experiments: str | None, eval_path: Path, revs: list[str] |
     for name, metrics in runs.items():
         if "test" not in metrics:
             raise TTDSError(f"experiment {name!r}: metrics have no 'test' section")
-        named[_variant_name(name) or name] = metrics
+        named[variant_name(name) or name] = metrics
         if name in run_revs:
-            named_revs[_variant_name(name) or name] = run_revs[name]
+            named_revs[variant_name(name) or name] = run_revs[name]
     if "TTDS" not in named and "workspace" in named:
         named["TTDS"] = named["workspace"]
         named_revs["TTDS"] = named_revs.get("workspace", "workspace")

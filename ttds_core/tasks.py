@@ -40,10 +40,9 @@ reviews never reach a training input.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import re
 from collections import Counter
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd

@@ -31,13 +31,18 @@ def _yaml_value(value) -> str:
     return str(value)
 
 
-def canonical(name: str) -> str:
+def variant_name(name: str) -> str | None:
     """The variant's table name, whatever the case it is written in (`ttds-dm` -> `TTDS-DM`:
-    experiments are named in lowercase)."""
-    for known in VARIANTS:
-        if known.lower() == name.lower():
-            return known
-    raise TTDSError(f"unknown variant {name!r}, expected one of {', '.join(VARIANTS)} (any case)")
+    experiments are named in lowercase); None for an unknown name."""
+    return {v.lower(): v for v in VARIANTS}.get(str(name).lower())
+
+
+def canonical(name: str) -> str:
+    """`variant_name`, or one line naming the known variants."""
+    known = variant_name(name)
+    if known is None:
+        raise TTDSError(f"unknown variant {name!r}, expected one of {', '.join(VARIANTS)} (any case)")
+    return known
 
 
 def overrides(name: str) -> dict:
