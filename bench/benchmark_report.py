@@ -176,7 +176,18 @@ def write_curves(models: dict, out: Path) -> None:
     plt.close(fig)
 
 
-def markdown(subset: dict, rows: dict, tests: dict, popularity: dict, top1: dict | None) -> str:
+def ttds_epochs(models: dict) -> list[dict]:
+    """TTDS's validation at each epoch end: ranking quality next to the teacher-forced loss
+    and whole-SID accuracy of the same targets (does the model fit the next SID better while
+    ranking stalls?)."""
+    per_epoch = models["TTDS"]["steps_per_epoch"]
+    return [{"epoch": round(v["step"] / per_epoch, 2), "step": v["step"], "users": int(v.get("val_users", 0)),
+             **{k: round(float(v[k]), 4) for k in ("val_NDCG@10", "val_HR@10", "val_loss", "val_sid_acc")}}
+            for v in models["TTDS"]["finetune"].get("validation", [])]
+
+
+def markdown(subset: dict, rows: dict, tests: dict, popularity: dict, top1: dict | None,
+             epochs: list[dict] | None = None) -> str:
     lines = [f"Subset: {subset['users']:,} users, {subset['items']:,} items, {subset['interactions']:,} "
              f"interactions; every model ranks all {rows['TTDS']['users']:,} users over all items.", ""]
     for section, title in (("test", "Test, unmasked"), ("test_masked", "Test, history masked"),
@@ -209,6 +220,13 @@ def markdown(subset: dict, rows: dict, tests: dict, popularity: dict, top1: dict
                   f"{top1['top1_in_10_most_popular']:.0%} are among the 10 most frequent training items; "
                   f"{top1['top1_distinct_items']} distinct items; median training count {top1['top1_train_count_median']:.0f} "
                   f"against {top1['target_train_count_median']:.0f} for the same users' test targets."]
+    if epochs:
+        lines += ["", f"**TTDS at each validation** ({epochs[0]['users']:,} fixed validation users: "
+                  "NDCG@10 / HR@10 of the constrained beam search, and the teacher-forced loss and whole-SID "
+                  "arg-max accuracy of the same targets)", "",
+                  "| epoch | step | NDCG@10 | HR@10 | loss | SID accuracy |", "|---|---|---|---|---|---|"]
+        lines += [f"| {e['epoch']} | {e['step']} | {e['val_NDCG@10']:.4f} | {e['val_HR@10']:.4f} | "
+                  f"{e['val_loss']:.3f} | {e['val_sid_acc']:.4f} |" for e in epochs]
     lines += ["", "**Training** (2-core CPU)", "", "| model | epochs run | best epoch | seconds |", "|---|---|---|---|"]
     for name, row in rows.items():
         if name == "TTDS":
@@ -238,11 +256,11 @@ def main(argv=None) -> dict:
     result = {"subset": {k: subset.get(k) for k in ("users", "items", "interactions")},
               "params": {"data": params["data"], "train": params["train"], "eval": params["eval"]},
               "models": rows, "paired_tests": tests, "by_target_popularity": popularity, "ttds_top1": top1,
-              "curves": {name: m["curve"] for name, m in models.items()}}
+              "curves": {name: m["curve"] for name, m in models.items()}, "ttds_epochs": ttds_epochs(models)}
     write_json(out / "results.json", result)
     write_curves(models, out)
     with atomic_path(out / "results.md", ".md") as tmp:
-        tmp.write_text(markdown(result["subset"], rows, tests, popularity, top1))
+        tmp.write_text(markdown(result["subset"], rows, tests, popularity, top1, result["ttds_epochs"]))
     print((out / "results.md").read_text())
     return result
 

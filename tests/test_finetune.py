@@ -59,11 +59,11 @@ def _teacher_forced_accuracy(rec, pairs, sid_only: bool = False) -> float:
     return hits / len(pairs)
 
 
-@pytest.mark.parametrize("softmax", ["vocab", "sid"])
-def test_memorises_next_item_sids_static_index(project, softmax):
+@pytest.mark.parametrize("softmax,packing", [("vocab", False), ("sid", False), ("sid", True)])
+def test_memorises_next_item_sids_static_index(project, softmax, packing):
     # The whole toy set (16 seqrec samples) per step; a frozen *random* backbone learns
     # only through LoRA and the SID rows, so it needs a few hundred steps.
-    params = toy_params(**{"index.dynamic": False, "tasks.high_order": False, "loss.dm_vae": False,
+    params = toy_params(**{"train.packing": packing, "index.dynamic": False, "tasks.high_order": False, "loss.dm_vae": False,
                            "train.epochs": 400, "train.max_steps": 250, "train.batch_size": 16,
                            "train.lr": 1.0e-2, "train.embedding_lr": 3.0e-2, "train.max_grad_norm": 0.0,
                            "lora.r": 8, "lora.alpha": 16, "train.val_users": 0, "train.checkpoint_every": 1000,
@@ -142,7 +142,7 @@ def _outputs() -> dict:
 
 def _dynamic_params(**kw):
     return toy_params(**{"lora.dropout": 0.1, "train.epochs": 3, "train.max_steps": 8, "train.checkpoint_every": 4,
-                         "index.refresh_every": 4, **kw})
+                         "index.refresh_samples": 16, **kw})
 
 
 def test_resume_after_a_kill_equals_an_uninterrupted_run(toy_root, tmp_path, monkeypatch):
@@ -282,9 +282,10 @@ def test_patience_stops_early_and_saves_the_best_state(project, monkeypatch):
         finetune.run(_dynamic_params(**{"train.patience": 2, "train.val_users": 0}))
 
 
-def test_dynamic_index_tokenizer_trains_and_sids_are_refreshed(project):
+@pytest.mark.parametrize("packing", [False, True])
+def test_dynamic_index_tokenizer_trains_and_sids_are_refreshed(project, packing):
     before = load_tensors("data/tokenizer/item.safetensors")
-    out = finetune.run(_dynamic_params(**{"lora.dropout": 0.0}))
+    out = finetune.run(_dynamic_params(**{"lora.dropout": 0.0, "train.packing": packing}))
     after = {k[len("item."):]: v for k, v in load_tensors("data/model/tokenizers.safetensors").items()
              if k.startswith("item.")}
     assert not torch.equal(before["codebooks"], after["codebooks"])  # the RQ-VAE kept training
@@ -299,9 +300,11 @@ def test_ts_align_task_trains_when_switched_on(project):
     assert [c["step"] for c in summary["churn"]] == [4]
 
 
-def test_ddp_two_processes(project):
+@pytest.mark.parametrize("packing", [False, True])
+def test_ddp_two_processes(project, packing):
     params = _dynamic_params(**{"train.max_steps": 3, "train.batch_size": 2, "train.checkpoint_every": 2,
-                                "index.refresh_every": 2})
+                                "index.refresh_samples": 8,  # 2 steps of 2 rows x 2 processes
+                                "train.packing": packing})
     Path("params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     # The multi-GPU launch line of the README. Without CUDA, `--multi_gpu` still starts the
@@ -389,3 +392,27 @@ def test_train_seed_varies_training_but_not_the_validation_users(project, monkey
     for key in ("rows", "items"):
         assert np.array_equal(np.asarray(outputs["default"][key]), np.asarray(outputs["same"][key]))
     assert not torch.equal(outputs["default"]["rows"], outputs["other"]["rows"])
+
+
+def test_refresh_schedule_counts_training_rows():
+    """`index.refresh_samples` is in training rows: the CPU default (800 rows, batch 8)
+    refreshes every 100 steps exactly as the former step count did; batch 256 every ~3 steps."""
+    due = [s for s in range(1, 401) if finetune.refresh_due(s, 8, 800)]
+    assert due == [100, 200, 300, 400]
+    due = [s for s in range(1, 11) if finetune.refresh_due(s, 256, 800)]
+    assert due == [4, 7, 10]  # 1024, 1792, 2560 rows: each crosses the next multiple of 800
+    with pytest.raises(finetune.TTDSError, match="'index.refresh_every' .* is now 'index.refresh_samples'"):
+        finetune.TrainConfig.from_params(toy_params(**{"index.refresh_every": 100}))
+
+
+@pytest.mark.parametrize("fp32", [True, False])
+def test_lora_fp32_adapters_sets_the_adapter_dtype(project, fp32):
+    """Over a bf16 backbone the adapters are float32 (peft's default) or, with
+    `lora.fp32_adapters: false`, bf16 like the backbone (no casts in every adapted layer)."""
+    params = toy_params(**{"model.dtype": "bfloat16", "lora.fp32_adapters": fp32})
+    cfg = finetune.TrainConfig.from_params(params)
+    _, _, _, texts, x, tables = finetune.load_inputs(params, Path("data"), cfg.towers)
+    quantizers = finetune.load_tokenizers(Path("data"), cfg.towers, x, cfg, 2, 4)
+    lm, _, _ = finetune.build_model(params, cfg, finetune.IndexState(tables=tables, x=x), texts, quantizers,
+                                    Path("data/backbone"), "cpu")
+    assert {p.dtype for n, p in lm.named_parameters() if "lora_" in n} == {torch.float32 if fp32 else torch.bfloat16}

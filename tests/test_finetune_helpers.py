@@ -28,7 +28,7 @@ def toy_params(**overrides) -> dict:
     small = {
         "model.num_layers": None, "model.max_text_tokens": 16, "model.dtype": "float32",
         "index.length": 2, "index.codebook_size": 4, "index.code_dim": 8, "index.max_suffix": 8,
-        "index.refresh_every": 4, "embed.batch_size": 8,
+        "index.refresh_samples": 16, "embed.batch_size": 8,
         "train.epochs": 1, "train.max_steps": 8, "train.batch_size": 4, "train.grad_accum": 1,
         "train.lr": 5.0e-3, "train.embedding_lr": 1.0e-2, "train.warmup_ratio": 0.0,
         "train.checkpoint_every": 4, "train.val_users": 4, "train.dmvae_batch": 4,

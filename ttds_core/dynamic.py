@@ -20,7 +20,7 @@ depend on the backbone width), X^S = mean-pooled LLM states of the SID tokens al
 X^I = the cached text representation (detached). L_Token = the tokenizer's residual
 quantisation loss (eq. 13) on X^I.
 
-Refresh. Every `index.refresh_every` steps (dynamic index only) all item / user texts are
+Refresh. Every `index.refresh_samples` training rows (dynamic index only) all item / user texts are
 re-embedded by the *current* LLM (LoRA active), re-quantised by the current tokenizers,
 collisions re-resolved; churn (share of entities whose SID changed) is reported.
 """
@@ -149,8 +149,7 @@ class SidEmbedding(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         out = self.base(input_ids)
         is_sid = (input_ids >= self.sid.first_id) & (input_ids < self.sid.last_id)
-        if not bool(is_sid.any()):
-            return out
+        # no early exit when no token is a SID: asking would stop a GPU for a host sync
         local = (input_ids - self.sid.first_id).clamp(0, self.sid.n_rows - 1)
         rows = self.sid.in_weight().to(out.dtype)[local]
         return torch.where(is_sid.unsqueeze(-1), rows, out)
@@ -285,9 +284,14 @@ def make_table(tower: str, ids: np.ndarray, codes: np.ndarray) -> pd.DataFrame:
 
 # ---------------------------------------------------------------- DM-VAE
 
+def sid_token_rows(tokenizer, sids: list[str]) -> list[list[int]]:
+    """Token ids of SID strings alone (the X^S input)."""
+    return [tokenizer(s, add_special_tokens=False)["input_ids"] for s in sids]
+
+
 def encode_sids(tokenizer, sids: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded token ids + mask of SID strings alone (the X^S input)."""
-    rows = [tokenizer(s, add_special_tokens=False)["input_ids"] for s in sids]
+    rows = sid_token_rows(tokenizer, sids)
     width = max(len(r) for r in rows)
     pad = tokenizer.pad_token_id
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -307,7 +311,12 @@ def dmvae_losses(decoder, quantizer, sid_ids: torch.Tensor, sid_mask: torch.Tens
     """
     from .embed import mean_pool
 
-    x_sid = mean_pool(decoder, sid_ids, sid_mask).float()
+    return dmvae_terms(mean_pool(decoder, sid_ids, sid_mask), quantizer, x_text)
+
+
+def dmvae_terms(x_sid: torch.Tensor, quantizer, x_text: torch.Tensor) -> dict[str, torch.Tensor]:
+    """L_ID and L_Token from the pooled SID states X^S (however the forward computed them)."""
+    x_sid = x_sid.float()
     x_text = x_text.float().detach()
     l_id = (x_sid - x_text).pow(2).mean()
     if quantizer is not None and hasattr(quantizer, "rq_loss"):

@@ -68,8 +68,11 @@ def length_sorted_batches(lengths, batch_size: int) -> list[np.ndarray]:
 
 
 def embed_texts(model, tokenizer, texts, batch_size: int = 32, max_tokens: int = 64, device=None,
-                progress: bool = True, label: str = "text") -> np.ndarray:
-    """float32 [n, d] embeddings of `texts`, row i = texts[i]."""
+                progress: bool = True, label: str = "text", token_ids: list[list[int]] | None = None
+                ) -> np.ndarray:
+    """float32 [n, d] embeddings of `texts`, row i = texts[i]. `token_ids`: the texts already
+    tokenised by `tokenize_texts` with the same `max_tokens` (a refresh re-embeds the same
+    texts many times)."""
     from tqdm.auto import tqdm
 
     texts = list(texts)
@@ -77,7 +80,9 @@ def embed_texts(model, tokenizer, texts, batch_size: int = 32, max_tokens: int =
         raise TTDSError(f"params: 'embed.batch_size' = {batch_size}, expected at least 1")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     decoder = decoder_of(model)
-    ids = tokenize_texts(tokenizer, texts, max_tokens, label)
+    ids = tokenize_texts(tokenizer, texts, max_tokens, label) if token_ids is None else token_ids
+    if len(ids) != len(texts):
+        raise TTDSError(f"{len(ids)} tokenised {label}s for {len(texts)} texts")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32)
     batches = length_sorted_batches([len(r) for r in ids], batch_size)

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import dynamic, tasks
+from . import dynamic, packing, tasks
 from .backbone import decoder_of, hf_model, quiet_peft
 from .config import get, rng_state, seed_everything, set_rng_state
 from .errors import TTDSError
@@ -71,7 +71,7 @@ class TrainConfig:
     towers: list[str]
     dynamic: bool
     kind: str
-    refresh_every: int
+    refresh_samples: int
     tie: bool
     dm_vae: bool
     alpha: float
@@ -101,6 +101,7 @@ class TrainConfig:
     packed: bool = False
     max_minutes: float | None = None
     patience: int | None = None
+    packing: bool = False
 
     @classmethod
     def from_params(cls, params: dict) -> "TrainConfig":
@@ -112,7 +113,7 @@ class TrainConfig:
             towers=["item", "user"] if user else ["item"],
             dynamic=get(params, "index.dynamic", bool),
             kind=get(params, "index.kind", str, choices=("rq", "lsh", "random")),
-            refresh_every=get(params, "index.refresh_every", int, min_value=1),
+            refresh_samples=get(params, "index.refresh_samples", int, min_value=1),
             tie=get(params, "index.tie_embeddings", bool),
             dm_vae=get(params, "loss.dm_vae", bool),
             alpha=get(params, "loss.alpha", float, min_value=0.0),
@@ -142,7 +143,11 @@ class TrainConfig:
             packed=seqrec_packed(params),
             max_minutes=get(params, "train.max_minutes", float, None, min_value=0.0),
             patience=get(params, "train.patience", int, None, allow_none=True, min_value=1),
+            packing=get(params, "train.packing", bool),
         )
+        if get(params, "index.refresh_every", default=None) is not None:
+            raise TTDSError("params: 'index.refresh_every' (optimizer steps) is now 'index.refresh_samples' "
+                            "(training rows between refreshes: steps x batch x grad_accum x processes)")
         if cfg.patience is not None and cfg.val_users == 0:
             raise TTDSError("params: 'train.patience' needs validation users ('train.val_users' is 0)")
         return cfg
@@ -244,32 +249,44 @@ def response_loss(lm, sid: dynamic.SidVocab, eos_id: int, input_ids: torch.Tenso
     width, r = input_ids.shape[1], labels.shape[1]
     hidden = hidden[:, width - r - 1:width - 1]  # the state that predicts each label (right-aligned)
     valid = labels != -100
-    head = hf_model(lm).get_output_embeddings()
     coded = torch.zeros_like(valid)
     if softmax == "sid":
         first_label = labels.gather(1, valid.float().argmax(1, keepdim=True)).squeeze(1)
         coded = valid & ((first_label >= sid.first_id) & (first_label < sid.last_id)).unsqueeze(1)
     text = valid & ~coded
-    total = hidden.new_zeros((), dtype=torch.float32)
+    coded_target = labels[coded]
+    is_sid = (coded_target >= sid.first_id) & (coded_target < sid.last_id)
+    if not bool((is_sid | (coded_target == eos_id)).all()):
+        raise TTDSError("a SID response holds a token that is neither a SID token nor EOS")
+    coded_target = torch.where(is_sid, coded_target - sid.first_id, torch.full_like(coded_target, sid.n_rows))
+    total, hits = label_cross_entropy(lm, sid, eos_id, hidden[coded], coded_target, hidden[text], labels[text])
     correct = torch.ones_like(valid)
-    if bool(coded.any()):
-        h = hidden[coded]
-        eos_row = head.weight[eos_id:eos_id + 1].detach().to(h.dtype)
-        weight = torch.cat([sid.out_weight().to(h.dtype), eos_row], dim=0)
-        logits = (h @ weight.T).float()
-        target = labels[coded]
-        is_sid = (target >= sid.first_id) & (target < sid.last_id)
-        if not bool((is_sid | (target == eos_id)).all()):
-            raise TTDSError("a SID response holds a token that is neither a SID token nor EOS")
-        target = torch.where(is_sid, target - sid.first_id, torch.full_like(target, sid.n_rows))
-        total = total + F.cross_entropy(logits, target, reduction="sum")
-        correct[coded] = logits.detach().argmax(-1) == target
-    if bool(text.any()):
-        logits = head(hidden[text]).float()
-        target = labels[text]
-        total = total + F.cross_entropy(logits, target, reduction="sum")
-        correct[text] = logits.detach().argmax(-1) == target
+    correct[coded], correct[text] = hits
     return total / valid.sum().clamp(min=1), correct
+
+
+def label_cross_entropy(lm, sid: dynamic.SidVocab, eos_id: int, h_coded: torch.Tensor, y_coded: torch.Tensor,
+                        h_text: torch.Tensor, y_text: torch.Tensor
+                        ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """(summed cross-entropy, (arg-max hits of the coded labels, of the text labels)).
+
+    Coded labels (local SID rows; `sid.n_rows` = EOS) are scored over the SID rows + EOS,
+    text labels (token ids) over the whole vocabulary through the LM head."""
+    head = hf_model(lm).get_output_embeddings()
+    total = h_coded.new_zeros((), dtype=torch.float32)
+    hits = []
+    for h, y, coded in ((h_coded, y_coded, True), (h_text, y_text, False)):
+        if h.shape[0] == 0:
+            hits.append(torch.zeros(0, dtype=torch.bool, device=h.device))
+            continue
+        if coded:
+            eos_row = head.weight[eos_id:eos_id + 1].detach().to(h.dtype)
+            logits = (h @ torch.cat([sid.out_weight().to(h.dtype), eos_row], dim=0).T).float()
+        else:
+            logits = head(h).float()
+        total = total + F.cross_entropy(logits, y, reduction="sum")
+        hits.append(logits.detach().argmax(-1) == y)
+    return total, (hits[0], hits[1])
 
 
 class TTDSModule(nn.Module):
@@ -287,7 +304,13 @@ class TTDSModule(nn.Module):
     def sid(self) -> dynamic.SidVocab:
         return self._sid[0]
 
-    def forward(self, input_ids, attention_mask, labels, dm: dict | None = None) -> dict:
+    def forward(self, input_ids=None, attention_mask=None, labels=None, dm: dict | None = None,
+                packed: packing.PackedBatch | None = None, dm_x: dict | None = None) -> dict:
+        """The losses of a left-padded batch (+ `dm`: per tower the SID rows and X^I of the
+        DM-VAE terms, two more forwards) or of a packed one (`packed`, DM-VAE rows inside;
+        `dm_x`: their X^I per tower)."""
+        if packed is not None:
+            return self.packed_forward(packed, dm_x or {})
         l_llm = response_loss(self.lm, self.sid, self.eos_id, input_ids, attention_mask, labels,
                               self.cfg.sid_softmax)[0]
         losses = {"llm": l_llm}
@@ -297,6 +320,27 @@ class TTDSModule(nn.Module):
             l_id = l_token = l_llm.new_zeros(())
             for tower, (ids, mask, x) in dm.items():
                 part = dynamic.dmvae_losses(decoder, self.sid.tokenizers[tower], ids, mask, x)
+                l_id = l_id + part["id"]
+                l_token = l_token + part["token"]
+            losses.update(id=l_id, token=l_token)
+            total = total + self.cfg.alpha * (l_id + self.cfg.beta * l_token)
+        losses["total"] = total
+        return losses
+
+    def packed_forward(self, batch: packing.PackedBatch, dm_x: dict) -> dict:
+        """The same losses from one forward of a packed batch (`packing`)."""
+        hidden = decoder_of(self.lm)(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                                     use_cache=False).last_hidden_state
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        total, _ = label_cross_entropy(self.lm, self.sid, self.eos_id, flat[batch.coded_pos], batch.coded_target,
+                                       flat[batch.text_pos], batch.text_target)
+        losses = {"llm": total / max(batch.n_labels, 1)}
+        total = losses["llm"]
+        if batch.pools:
+            l_id = l_token = total.new_zeros(())
+            for tower, (positions, slots, counts) in batch.pools.items():
+                part = dynamic.dmvae_terms(packing.mean_pool(flat, positions, slots, counts),
+                                           self.sid.tokenizers[tower], dm_x[tower])
                 l_id = l_id + part["id"]
                 l_token = l_token + part["token"]
             losses.update(id=l_id, token=l_token)
@@ -338,11 +382,8 @@ def collate(pairs: list[tuple[str, str]], tokenizer, max_response_tokens: int, f
     `first_sid_id`, e.g. a whole packed seqrec row) are never cut."""
     rows, responses = [], []
     for prompt, response in pairs:
-        resp = encode_response(tokenizer, response)
-        is_sid = first_sid_id is not None and resp[0] >= first_sid_id
-        if len(resp) > max_response_tokens + 1 and not is_sid:
-            resp = resp[:max_response_tokens] + [tokenizer.eos_token_id]
-        rows.append(encode_prompt(tokenizer, prompt) + resp)
+        prompt_ids, resp = encode_pair(tokenizer, prompt, response, max_response_tokens, first_sid_id)
+        rows.append(prompt_ids + resp)
         responses.append(resp)
     width = max(len(r) for r in rows)
     r_width = max(len(r) for r in responses)
@@ -356,17 +397,65 @@ def collate(pairs: list[tuple[str, str]], tokenizer, max_response_tokens: int, f
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def dm_batch(state: IndexState, tokenizer, cfg: TrainConfig, step: int, micro: int, device) -> dict:
-    """A seeded sample of entities per tower for the DM-VAE terms of this micro-step."""
+def encode_pair(tokenizer, prompt: str, response: str, max_response_tokens: int, first_sid_id: int | None
+                ) -> tuple[list[int], list[int]]:
+    """(prompt ids, response ids + EOS); a text response is cut to `max_response_tokens`."""
+    resp = encode_response(tokenizer, response)
+    is_sid = first_sid_id is not None and resp[0] >= first_sid_id
+    if len(resp) > max_response_tokens + 1 and not is_sid:
+        resp = resp[:max_response_tokens] + [tokenizer.eos_token_id]
+    return encode_prompt(tokenizer, prompt), resp
+
+
+def dm_entities(state: IndexState, cfg: TrainConfig, step: int, micro: int) -> dict[str, tuple[list[str], np.ndarray]]:
+    """A seeded sample of entities per tower for the DM-VAE terms of this micro-step:
+    (their SID strings, their cached X^I rows)."""
     rng = np.random.default_rng([cfg.seed, 7, step, micro])
     tables = state.sid_tables()
     out = {}
     for tower in cfg.towers:
         strings = tables.item if tower == "item" else tables.user
         pick = rng.choice(len(strings), size=min(cfg.dmvae_batch, len(strings)), replace=False)
-        ids, mask = dynamic.encode_sids(tokenizer, [strings[j] for j in pick], device)
-        out[tower] = (ids, mask, torch.as_tensor(state.x[tower][pick], device=device))
+        out[tower] = ([strings[j] for j in pick], state.x[tower][pick])
     return out
+
+
+def dm_batch(state: IndexState, tokenizer, cfg: TrainConfig, step: int, micro: int, device) -> dict:
+    """The DM-VAE entities of this micro-step as left-padded SID rows (their own forwards)."""
+    out = {}
+    for tower, (strings, x) in dm_entities(state, cfg, step, micro).items():
+        ids, mask = dynamic.encode_sids(tokenizer, strings, device)
+        out[tower] = (ids, mask, torch.as_tensor(x, device=device))
+    return out
+
+
+def packed_batch(pairs: list[tuple[str, str]], dm: dict, tokenizer, cfg: TrainConfig, sid: dynamic.SidVocab
+                 ) -> tuple[packing.PackedBatch, dict[str, torch.Tensor]]:
+    """The task pairs and the DM-VAE entities `dm` (`dm_entities`) as one packed batch,
+    with the entities' X^I per tower."""
+    segments = []
+    for prompt, response in pairs:
+        prompt_ids, resp = encode_pair(tokenizer, prompt, response, cfg.max_response_tokens, sid.first_id)
+        coded = cfg.sid_softmax == "sid" and sid.first_id <= resp[0] < sid.last_id
+        segments.append(packing.Segment(prompt_ids + resp, n_labels=len(resp), coded=coded))
+    for tower, (strings, _) in dm.items():
+        segments += [packing.Segment(ids, pool=(tower, slot))
+                     for slot, ids in enumerate(dynamic.sid_token_rows(tokenizer, strings))]
+    batch = packing.pack(segments, tokenizer.pad_token_id, sid.first_id, sid.n_rows, tokenizer.eos_token_id)
+    return batch, {tower: torch.as_tensor(x) for tower, (_, x) in dm.items()}
+
+
+def step_inputs(pairs: list[tuple[str, str]], index: IndexState, tokenizer, cfg: TrainConfig, sid: dynamic.SidVocab,
+                step: int, micro: int, device) -> tuple[dict, int]:
+    """(keyword inputs of `TTDSModule` for this micro-step, task tokens in them): the rendered
+    `pairs` and the step's DM-VAE entities, packed (`train.packing`) or left-padded."""
+    if cfg.packing:
+        entities = dm_entities(index, cfg, step, micro) if cfg.dm_vae else {}
+        packed, dm_x = packed_batch(pairs, entities, tokenizer, cfg, sid)
+        return {"packed": packed.to(device), "dm_x": {t: v.to(device) for t, v in dm_x.items()}}, packed.n_task_tokens
+    batch = collate(pairs, tokenizer, cfg.max_response_tokens, sid.first_id)  # counted on the host
+    dm = dm_batch(index, tokenizer, cfg, step, micro, device) if cfg.dm_vae else None
+    return {**{k: v.to(device) for k, v in batch.items()}, "dm": dm}, int(batch["attention_mask"].sum())
 
 
 # ---------------------------------------------------------------- setup
@@ -444,8 +533,8 @@ def build_model(params: dict, cfg: TrainConfig, index: IndexState, texts: dict, 
                       lora_dropout=get(params, "lora.dropout", float, min_value=0.0),
                       target_modules=list(get(params, "lora.targets", list)), task_type="CAUSAL_LM")
     try:
-        with quiet_peft():
-            model = get_peft_model(model, lora)
+        with quiet_peft():  # fp32_adapters false: adapters in the backbone's dtype (bf16 on a GPU)
+            model = get_peft_model(model, lora, autocast_adapter_dtype=get(params, "lora.fp32_adapters", bool))
     except ValueError as exc:
         raise TTDSError(f"params: 'lora.targets' do not match the backbone's modules ({exc})") from None
     dynamic.install(model, sid.to(device))
@@ -619,16 +708,30 @@ def load_checkpoint(path: Path, module: TTDSModule, optimizer, scheduler, index:
 
 # ---------------------------------------------------------------- refresh
 
+def refresh_due(step: int, samples_per_step: int, every: int) -> bool:
+    """Whether optimizer step `step` crossed a multiple of `every` training rows (the
+    refresh schedule, `index.refresh_samples`, scales with the batch: 800 rows are 100
+    steps at batch 8, and about 3 at batch 256)."""
+    return step * samples_per_step // every > (step - 1) * samples_per_step // every
+
+
 def refresh_index(module: TTDSModule, tokenizer, index: IndexState, texts: dict, params: dict, step: int,
-                  device) -> dict:
-    """Re-derive every tower's SIDs with the current LLM and tokenizers (dynamic index)."""
+                  device, token_ids: dict | None = None) -> dict:
+    """Re-derive every tower's SIDs with the current LLM and tokenizers (dynamic index).
+    `token_ids`: a per-tower cache of the tokenised texts, filled at the first refresh."""
+    from .embed import tokenize_texts
+
+    max_tokens = get(params, "model.max_text_tokens", int, 64, min_value=1)
     embed_kwargs = {"batch_size": get(params, "embed.batch_size", int, 32, min_value=1),
-                    "max_tokens": get(params, "model.max_text_tokens", int, 64, min_value=1),
-                    "device": device, "progress": False}
+                    "max_tokens": max_tokens, "device": device, "progress": False}
+    token_ids = {} if token_ids is None else token_ids
     record = {"step": step}
     for lay in module.sid.layouts:
+        if lay.tower not in token_ids:
+            token_ids[lay.tower] = tokenize_texts(tokenizer, texts[lay.tower], max_tokens, lay.tower)
         x, table, ch = dynamic.refresh_tower(module.lm, tokenizer, module.sid.tokenizers[lay.tower],
-                                             texts[lay.tower], index.tables[lay.tower], lay, embed_kwargs,
+                                             texts[lay.tower], index.tables[lay.tower], lay,
+                                             {**embed_kwargs, "token_ids": token_ids[lay.tower]},
                                              margin=get(params, "index.refresh_margin", float, 0.0,
                                                         min_value=0.0))
         index.x[lay.tower], index.tables[lay.tower] = x, table
@@ -690,6 +793,7 @@ def run(params: dict, data_dir: str | Path = "data", metrics_dir: str | Path = "
     optimizer = make_optimizer(module, cfg)
 
     world, rank = accelerator.num_processes, accelerator.process_index
+    samples_per_step = cfg.batch_size * cfg.grad_accum * world
     per_epoch = len(epoch_batches(samples, data, cfg, 0, rank, world)) // cfg.grad_accum
     if per_epoch == 0:
         raise TTDSError(f"train.batch_size x train.grad_accum x processes = "
@@ -729,6 +833,7 @@ def run(params: dict, data_dir: str | Path = "data", metrics_dir: str | Path = "
     timed_out = False
     stopped_early = False
     skipped: list[int] = []  # steps whose update was skipped for a non-finite gradient
+    text_ids: dict[str, list[list[int]]] = {}  # texts tokenised once, re-embedded at every refresh
 
     def out_of_time() -> bool:
         """`train.max_minutes` spent (every process decides alike: the slowest clock wins)."""
@@ -748,12 +853,10 @@ def run(params: dict, data_dir: str | Path = "data", metrics_dir: str | Path = "
             idx, tmpl = batches[b]
             tables_now = index.sid_tables()
             pairs = [tasks.render(samples[j], data, tables_now, t, tokenizer.eos_token) for j, t in zip(idx, tmpl)]
-            batch = {k: v.to(device) for k, v in
-                     collate(pairs, tokenizer, cfg.max_response_tokens, inner.sid.first_id).items()}
-            dm = dm_batch(index, tokenizer, cfg, step, b, device) if cfg.dm_vae else None
+            inputs, n_tokens = step_inputs(pairs, index, tokenizer, cfg, inner.sid, step, b, device)
             t_step = time.time()
             with accelerator.accumulate(module):
-                losses = module(**batch, dm=dm)
+                losses = module(**inputs)
                 accelerator.backward(losses["total"])
                 finite = True
                 if accelerator.sync_gradients:
@@ -771,16 +874,17 @@ def run(params: dict, data_dir: str | Path = "data", metrics_dir: str | Path = "
                               f"({', '.join(bad[:4])}); update skipped", file=sys.stderr)
                 optimizer.zero_grad()
             t_compute += time.time() - t_step
-            tokens_seen += int(batch["attention_mask"].sum())
-            for k, v in losses.items():
-                window.setdefault(k, []).append(float(v.detach()))
+            tokens_seen += n_tokens
+            for k, v in losses.items():  # read back once per step, below: each read is a host sync
+                window.setdefault(k, []).append(v.detach())
             if not accelerator.sync_gradients:
                 continue
             scheduler.step()
             step += 1
             bar.update(1)
+            means = torch.stack([torch.stack(v).double().mean() for v in window.values()]).tolist()
             row = {"step": step, "lr": scheduler.get_last_lr()[0],
-                   **{f"loss_{k}": float(np.mean(v)) for k, v in window.items()}}
+                   **{f"loss_{k}": m for k, m in zip(window, means)}}
             window = {}
             history.append(row)
             if live is not None:
@@ -788,8 +892,8 @@ def run(params: dict, data_dir: str | Path = "data", metrics_dir: str | Path = "
                     if k != "step":
                         live.log_metric(f"train/{k}", v)
                 live.next_step()
-            if cfg.dynamic and step % cfg.refresh_every == 0 and step < total_steps:
-                rec = refresh_index(inner, tokenizer, index, texts, params, step, device)
+            if cfg.dynamic and refresh_due(step, samples_per_step, cfg.refresh_samples) and step < total_steps:
+                rec = refresh_index(inner, tokenizer, index, texts, params, step, device, text_ids)
                 if main:
                     print(f"finetune: refresh at step {step}: " + ", ".join(
                         f"{k} {v:.3f}" for k, v in rec.items() if k != "step"), file=sys.stderr)

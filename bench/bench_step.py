@@ -1,0 +1,168 @@
+"""One fine-tuning step, current vs lean: operator calls, host syncs, padding, CPU time.
+
+    python -m bench.bench_step [--steps 3] [--large-layers 1] [--out FILE]
+
+Builds the model exactly as `finetune` does from this workspace's pipeline outputs
+(`data/processed`, `data/embeddings`, `data/tokenizer`, `data/sids`, `data/backbone`:
+run `dvc repro build_sids` first) and runs the real step -- `finetune.step_inputs` (the
+rendered task rows and the step's DM-VAE entities), `TTDSModule`, backward, clipping with
+the finite check, AdamW, the loss read-back -- on the first full batches of epoch 0 in three
+layouts:
+
+- current: left-padded batch, DM-VAE terms in two more forwards (`train.packing: false`)
+  with the params' LoRA dropout;
+- packed: `train.packing: true` (padding-free rows, DM-VAE rows in the same forward);
+- lean: packed and `lora.dropout: 0` (no dropout masks drawn in every adapted layer).
+
+at batch 8 with the params' backbone depth (`model.num_layers`) and at batch 256 with
+`--large-layers` decoder layers (the arithmetic per layer is what a full-depth GPU step
+repeats; one layer keeps a 256-row CPU step to seconds). Operator calls and host syncs
+(`aten::_local_scalar_dense`: what `.item()`, `float()` and `bool()` of a tensor run; each
+one stops a GPU until its queue drains; AdamW's reads of its host-side step counters are
+not counted) are counted over one step after a warm-up, operator calls by torch.profiler; CPU seconds per sample are the mean of `--steps` further steps. Not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ttds_core import finetune, tasks
+from ttds_core.config import get, load_params
+
+VARIANTS = {"current": {}, "packed": {"train.packing": True},
+            "lean": {"train.packing": True, "lora.dropout": 0.0}}
+
+
+class SyncCounter(TorchDispatchMode):
+    """Counts reads of a tensor's value by the host (`aten::_local_scalar_dense`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count, self._paused = 0, False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default and not self._paused:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+    @contextlib.contextmanager
+    def paused(self):
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
+
+
+def with_overrides(params: dict, overrides: dict) -> dict:
+    out = copy.deepcopy(params)
+    for key, value in overrides.items():
+        node = out
+        *path, last = key.split(".")
+        for part in path:
+            node = node[part]
+        node[last] = value
+    return out
+
+
+def measure(params: dict, batch_size: int, steps: int) -> dict:
+    cfg = finetune.TrainConfig.from_params(params)
+    torch.set_num_threads(cfg.threads or 1)
+    finetune.seed_everything(cfg.seed)
+    data_dir = Path("data")
+    sequences, items, interactions, texts, x, tables = finetune.load_inputs(params, data_dir, cfg.towers)
+    index = finetune.IndexState(tables=tables, x=x)
+    length = get(params, "index.length", int)
+    weights = tasks.enabled_tasks(get(params, "tasks.weights", dict), get(params, "tasks.high_order", bool),
+                                  "user" in cfg.towers, get(params, "tasks.ts_align", bool))
+    data = tasks.build_task_data(sequences, items, interactions, get(params, "data.max_history", int),
+                                 get(params, "tasks.max_next_user", int), cfg.packed, align_depth=length - 1,
+                                 align_words=get(params, "tasks.ts_align_words", int))
+    samples = tasks.build_samples(data, weights, cfg.seed)
+    quantizers = finetune.load_tokenizers(data_dir, cfg.towers, x, cfg, length, get(params, "index.codebook_size", int))
+    lm, tok, sid = finetune.build_model(params, cfg, index, texts, quantizers, data_dir / "backbone", "cpu")
+    module = finetune.TTDSModule(lm, sid, cfg, tok.eos_token_id).train()
+    optimizer = finetune.make_optimizer(module, cfg)
+    # full batches only: the epoch's last, partial batch would understate the step
+    batches = [b for b in finetune.epoch_batches(samples, data, cfg, 0, 0, 1) if len(b[0]) == batch_size]
+    tables_now = index.sid_tables()
+
+    syncs = SyncCounter()
+
+    def one_step(b: int) -> tuple[int, float]:
+        idx, tmpl = batches[b % len(batches)]
+        pairs = [tasks.render(samples[j], data, tables_now, t, tok.eos_token) for j, t in zip(idx, tmpl)]
+        with syncs.paused():  # data preparation reads host tensors only
+            inputs, n_tokens = finetune.step_inputs(pairs, index, tok, cfg, sid, b, 0, "cpu")
+        losses = module(**inputs)
+        losses["total"].backward()
+        norm = torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
+        if bool(torch.isfinite(norm)):  # as the loop: one inf/NaN gradient skips the update
+            with syncs.paused():  # AdamW reads its step counters, which stay on the host on a GPU too
+                optimizer.step()
+        optimizer.zero_grad()
+        torch.stack([v.detach().double() for v in losses.values()]).tolist()  # the loop's one read-back
+        shape = inputs["packed"].input_ids.shape if cfg.packing else inputs["input_ids"].shape
+        positions = shape[0] * shape[1] + (0 if cfg.packing else sum(
+            v[0].numel() for v in (inputs["dm"] or {}).values()))
+        return n_tokens, positions
+
+    from torch.profiler import ProfilerActivity, profile
+
+    one_step(0)  # warm-up: allocator, kernels, lazy init
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        one_step(1)
+    calls = int(sum(e.count for e in prof.key_averages() if e.key.startswith("aten::")))
+    with syncs:  # a step of its own: the counting mode would add operator calls to the profile
+        one_step(2)
+    times, tokens, positions = [], 0, 0
+    for b in range(3, 3 + steps):
+        t = time.perf_counter()
+        n, p = one_step(b)
+        times.append(time.perf_counter() - t)
+        tokens += n
+        positions += p
+    dm_tokens = 0
+    if cfg.dm_vae:  # the DM-VAE rows' tokens are real work too
+        for tower, (strings, _) in finetune.dm_entities(index, cfg, 0, 0).items():
+            dm_tokens += sum(len(r) for r in finetune.dynamic.sid_token_rows(tok, strings))
+    real = tokens + dm_tokens * steps
+    return {"aten_calls_per_step": calls, "aten_calls_per_sample": round(calls / batch_size, 1),
+            "host_syncs_per_step": syncs.count, "padding_share": round(1 - real / positions, 3),
+            "seconds_per_step": round(float(np.mean(times)), 3),
+            "ms_per_sample": round(1000 * float(np.mean(times)) / batch_size, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--large-layers", type=int, default=1)
+    ap.add_argument("--sizes", default="8,256", help="batch sizes (the first at the params' depth)")
+    ap.add_argument("--out", default=None, help="also write the JSON result here")
+    args = ap.parse_args()
+    base = load_params(args.params)
+    result = {"threads": get(base, "train.threads", int, None, allow_none=True), "rows": []}
+    for i, size in enumerate(int(s) for s in args.sizes.split(",")):
+        layers = get(base, "model.num_layers", int, None, allow_none=True) if i == 0 else args.large_layers
+        for name, overrides in VARIANTS.items():
+            params = with_overrides(base, {**overrides, "train.batch_size": size, "model.num_layers": layers})
+            row = {"batch_size": size, "num_layers": layers, "variant": name, **measure(params, size, args.steps)}
+            result["rows"].append(row)
+            print(json.dumps(row), flush=True)
+    if args.out:
+        from ttds_core.io import write_json
+        write_json(args.out, result)
+
+
+if __name__ == "__main__":
+    main()
