@@ -313,18 +313,22 @@ class TTDSModule(nn.Module):
             return self.packed_forward(packed, dm_x or {})
         l_llm = response_loss(self.lm, self.sid, self.eos_id, input_ids, attention_mask, labels,
                               self.cfg.sid_softmax)[0]
-        losses = {"llm": l_llm}
-        total = l_llm
-        if dm:
-            decoder = decoder_of(self.lm)
+        decoder = decoder_of(self.lm)
+        return self.combine(l_llm, [dynamic.dmvae_losses(decoder, self.sid.tokenizers[tower], ids, mask, x)
+                                    for tower, (ids, mask, x) in (dm or {}).items()])
+
+    def combine(self, l_llm: torch.Tensor, dm_parts: list[dict]) -> dict:
+        """{llm, id, token, total}: L = L_LLM + alpha (L_ID + beta L_Token), the DM-VAE terms
+        summed over the towers of `dm_parts` (none: L_LLM alone)."""
+        losses, total = {"llm": l_llm}, l_llm
+        if dm_parts:
             l_id = l_token = l_llm.new_zeros(())
-            for tower, (ids, mask, x) in dm.items():
-                part = dynamic.dmvae_losses(decoder, self.sid.tokenizers[tower], ids, mask, x)
+            for part in dm_parts:
                 l_id = l_id + part["id"]
                 l_token = l_token + part["token"]
             losses.update(id=l_id, token=l_token)
             total = total + self.cfg.alpha * (l_id + self.cfg.beta * l_token)
-        losses["total"] = total
+        losses["total"] = total  # last: the order of the logged loss columns
         return losses
 
     def packed_forward(self, batch: packing.PackedBatch, dm_x: dict) -> dict:
@@ -334,19 +338,10 @@ class TTDSModule(nn.Module):
         flat = hidden.reshape(-1, hidden.shape[-1])
         total, _ = label_cross_entropy(self.lm, self.sid, self.eos_id, flat[batch.coded_pos], batch.coded_target,
                                        flat[batch.text_pos], batch.text_target)
-        losses = {"llm": total / max(batch.n_labels, 1)}
-        total = losses["llm"]
-        if batch.pools:
-            l_id = l_token = total.new_zeros(())
-            for tower, (positions, slots, counts) in batch.pools.items():
-                part = dynamic.dmvae_terms(packing.mean_pool(flat, positions, slots, counts),
-                                           self.sid.tokenizers[tower], dm_x[tower])
-                l_id = l_id + part["id"]
-                l_token = l_token + part["token"]
-            losses.update(id=l_id, token=l_token)
-            total = total + self.cfg.alpha * (l_id + self.cfg.beta * l_token)
-        losses["total"] = total
-        return losses
+        return self.combine(total / max(batch.n_labels, 1),
+                            [dynamic.dmvae_terms(packing.mean_pool(flat, positions, slots, counts),
+                                                 self.sid.tokenizers[tower], dm_x[tower])
+                             for tower, (positions, slots, counts) in batch.pools.items()])
 
 
 # ---------------------------------------------------------------- batches
