@@ -151,9 +151,9 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="also write the JSON result here")
     args = ap.parse_args()
     base = load_params(args.params)
-    result = {"threads": get(base, "train.threads", int, None, allow_none=True), "rows": []}
+    result = {"threads": get(base, "train.threads", int, 1, allow_none=True), "rows": []}
     for i, size in enumerate(int(s) for s in args.sizes.split(",")):
-        layers = get(base, "model.num_layers", int, None, allow_none=True) if i == 0 else args.large_layers
+        layers = get(base, "model.num_layers", int, 4, allow_none=True) if i == 0 else args.large_layers
         for name, overrides in VARIANTS.items():
             params = with_overrides(base, {**overrides, "train.batch_size": size, "model.num_layers": layers})
             row = {"batch_size": size, "num_layers": layers, "variant": name, **measure(params, size, args.steps)}

@@ -242,3 +242,20 @@ def test_run_removes_its_checkpoint_once_outputs_are_written(tmp_path):
     _run(tmp_path, processed, "gru4rec", _params(epochs=2))
     assert (tmp_path / "out" / "gru4rec" / "ranks.parquet").exists()
     assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_eval_max_users_ranks_the_users_evaluate_ranks(tmp_path):
+    """`eval.max_users` picks the same seeded users for a baseline as for TTDS's `evaluate`
+    (metrics of the two files are over the same users); training still sees every user."""
+    from ttds_core.cases import select_users
+
+    processed, seqs = _write_split(tmp_path)
+    params = _params()
+    params["eval"]["max_users"] = 25
+    metrics = _run(tmp_path, processed, "mostpop", params)
+    ranks = pd.read_parquet(tmp_path / "out" / "mostpop" / "ranks.parquet")
+    chosen = select_users(seqs, 25, params["seed"])["user_id"].tolist()
+    assert metrics["users"] == 25
+    assert sorted(set(ranks.user_id)) == sorted(chosen)
+    everyone = _run(tmp_path / "all", processed, "mostpop", _params())  # eval.max_users unset: all
+    assert everyone["users"] == len(seqs)

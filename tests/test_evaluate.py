@@ -22,7 +22,8 @@ SEQUENCES = pd.DataFrame({"user_id": [0, 1, 2, 3],
 
 PARAMS = {"seed": 7, "eval": {"beams": 20, "batch_size": 3, "mask_history": False, "max_users": None,
                               "scoring": "full", "ks": [1, 5, 10]},
-          "data": {"max_history": 3}, "train": {"template": 0}}
+          "data": {"max_history": 3}, "train": {"template": 0},
+          "tasks": {"seqrec_format": "prefix"}}  # the format of the exhaustive PromptBuilder below
 
 
 @pytest.fixture

@@ -56,7 +56,7 @@ def _report(root, experiments):
     return report_cli({"data": {"name": "Games", "max_users": 1500}}, out=str(root / "docs" / "results.md"),
                       experiments=str(experiments), metrics_dir=root / "metrics" / "baselines",
                       eval_path=root / "metrics" / "eval.json", eval_ranks=root / "data" / "eval" / "ranks.parquet",
-                      baseline_dir=root / "data" / "baselines")
+                      baseline_dir=root / "data" / "baselines", preprocess_path=root / "metrics" / "preprocess.json")
 
 
 def test_report_renders_tables_chart_and_significance(workspace):
@@ -222,3 +222,18 @@ def test_provenance_names_the_commit_each_row_reads():
     assert "| TTDS | `make repro` (i.e. `dvc repro`) | `f355cdf` | — | 691 |" in text
     assert "| TTDS-HO | `scripts/grid.sh --variant TTDS-HO` | `abcdef9` | — | 705 |" in text
     assert "| working tree | 13 (8) | 32 |" in text
+
+
+def test_header_says_what_preprocess_produced_and_paper_rows_only_for_the_papers_catalogues(workspace):
+    from ttds_core.report import render
+
+    root = workspace[0]
+    data = {"format": "generic", "users": 385, "items": 1200, "interactions": 4000, "kcore": 5,
+            "subset": {"sampler": "snowball", "max_users": 1500, "seed": 42}}
+    text = render({"data": {"name": "Games"}}, {}, {"TTDS": _metrics(1.0)}, "", data=data)
+    assert "385 users, 1,200 items, 4,000 interactions; a snowball sample of 1,500 users" in text
+    assert "reports no numbers for this catalogue" in text and "0.0597" not in text  # a generic "Games"
+    lcrec = dict(data, format="lcrec")
+    del lcrec["subset"]
+    text = render({"data": {"name": "Games"}}, {}, {"TTDS": _metrics(1.0)}, "", data=lcrec)
+    assert "every user of the 5-core" in text and "0.0597" in text

@@ -85,7 +85,13 @@ def closure(module: str) -> set[Path]:
         todo.extend(imports_of(path) - seen)
     # The package's own __init__ only holds the version string.
     seen.discard(ROOT / PACKAGE / "__init__.py")
-    return seen
+    return seen - VALIDATION_ONLY
+
+
+# Modules that can refuse params but never change an output (schema.py: the checks of
+# `load_params`; it supplies no values): neither a dependency of every stage nor a reader of
+# every key it lists. Editing one re-runs nothing, which is right: outputs cannot differ.
+VALIDATION_ONLY = {ROOT / PACKAGE / "schema.py"}
 
 
 def params_paths(params: dict, prefix: str = "") -> set[str]:

@@ -209,3 +209,30 @@ def test_ts_align_task_follows_the_switch_and_the_current_sid_table():
     moved = tasks.SidTables(item=[f"<a_{i % 2}><b_0>" for i in range(7)])  # after a refresh: new prefixes
     prompt, _ = tasks.render(sample, data, moved, template=0)
     assert "<a_1>" in prompt
+
+
+def test_a_new_task_is_one_class_and_one_registry_line(monkeypatch):
+    """The mixture, the template count, bucketing and rendering all go through the registry."""
+
+    class ItemTitle(tasks.Task):
+        name = "item_title"
+
+        def pool(self, data):
+            return [tasks.Sample(self.name, i, i) for i in sorted(data.titles)]
+
+        def render(self, sample, data, sids, template, eos):
+            return f"What is {sids.item[sample.key]}?", data.titles[sample.key]
+
+        def n_templates(self):
+            return 1
+
+    monkeypatch.setitem(tasks.REGISTRY, "item_title", ItemTitle())
+    data = _data()
+    weights = tasks.enabled_tasks({"seqrec": 1.0, "item_title": 0.5}, high_order=True, user_tower=True)
+    assert weights["item_title"] == 0.5
+    assert tasks.enabled_tasks({"seqrec": 1.0, "item_title": 0.5}, high_order=False, user_tower=True) == {"seqrec": 1.0}
+    samples = tasks.build_samples(data, weights, seed=0)
+    added = [s for s in samples if s.task == "item_title"]
+    assert added and tasks.n_templates("item_title") == 1
+    assert tasks.render(added[0], data, _sids(), 0) == (f"What is <a_{added[0].key}><b_0>?", f"title & {added[0].key}")
+    assert tasks.approx_length(added[0], data) == min(added[0].pos, data.max_history)

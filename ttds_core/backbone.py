@@ -158,7 +158,7 @@ def load_backbone(params: dict, device=None, dtype=None, backbone_dir: str | Pat
     folder = backbone_folder(backbone_dir)
     device = torch.device(device) if device is not None else pick_device()
     dtype = dtype if dtype is not None else pick_dtype(params, device)
-    num_layers = get(params, "model.num_layers", int, None, min_value=1)
+    num_layers = get(params, "model.num_layers", int, 4, allow_none=True, min_value=1)
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=False)
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)

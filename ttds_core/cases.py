@@ -6,12 +6,25 @@ imports another stage's module (and each stage's dvc.yaml deps stay its own).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 
 from .errors import TTDSError
 from .metrics import rank_of
-from .ranker import Case
+
+
+@dataclass
+class Case:
+    """One ranking query: the prompt history, what masking excludes, and the target."""
+
+    user_id: int
+    split: str
+    history: list[int]        # items shown in the prompt (the last max_history)
+    seen: list[int]           # every item before the target: excluded when masking
+    target: int | None        # None when serving (no target)
+
 
 SPLITS = ("valid", "test")
 _TARGET_POS = {"valid": -2, "test": -1}  # leave-one-out: last item = test, second last = valid

@@ -20,6 +20,7 @@ from .errors import TTDSError
 # stage name -> "module:function" taking the params dict
 STAGES = {
     "backbone": "ttds_core.backbone:run",
+    "inputs": "ttds_core.inputs:run",
     "preprocess": "ttds_core.preprocess:run",
     "embed": "ttds_core.embed:run",
     "warmup": "ttds_core.warmup:run",
@@ -101,8 +102,8 @@ def report(out: str = typer.Option("docs/results.md", help="markdown file to wri
 def grid(variant: Optional[list[str]] = typer.Option(None, help="variant to run (repeatable; default: all)"),
          dry_run: bool = typer.Option(False, "--dry-run", help="print the dvc commands, run nothing"),
          force: bool = typer.Option(False, "--force", help="re-run every stage and overwrite experiments of the same name (dvc exp run --force)"),
-         queue: bool = typer.Option(False, "--queue", help="queue them (runs in copies of the repo: data must "
-                                    "be inside it or at an absolute path) instead of one by one in the workspace")
+         queue: bool = typer.Option(False, "--queue", help="queue them (they run in copies of the repo, "
+                                    "then `dvc exp run --run-all`) instead of one by one in the workspace")
          ) -> None:
     """Run the paper's variants as named DVC experiments (one by one in the workspace)."""
     with user_errors():

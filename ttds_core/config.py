@@ -14,11 +14,13 @@ from typing import Any
 import yaml
 
 from .errors import TTDSError
+from .schema import validate
 
 _MISSING = object()
 
 
 def load_params(path: str | Path = "params.yaml") -> dict:
+    """The params file, checked whole against `schema` (one line naming the first bad key)."""
     path = Path(path)
     if not path.exists():
         raise TTDSError(f"{path}: params file not found")
@@ -28,6 +30,7 @@ def load_params(path: str | Path = "params.yaml") -> dict:
         raise TTDSError(f"{path}: not valid YAML ({exc.__class__.__name__})") from None
     if not isinstance(params, dict):
         raise TTDSError(f"{path}: expected a mapping at the top level")
+    validate(params)
     return params
 
 

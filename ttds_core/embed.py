@@ -111,7 +111,7 @@ def run(params: dict, processed_dir: str | Path = PROCESSED, out_dir: str | Path
     item_texts = _entity_texts(processed_dir / "items.parquet", "item_id")
     user_texts = _entity_texts(processed_dir / "users.parquet", "user_id")
     model, tokenizer = load_backbone(params, backbone_dir=backbone_dir)
-    torch.manual_seed(get(params, "seed", int, 0))
+    torch.manual_seed(get(params, "seed", int, 42))
     timings, tokens = {}, {}
     with atomic_dir(out_dir) as tmp:
         for name, texts in (("items", item_texts), ("users", user_texts)):

@@ -134,10 +134,10 @@ class TrainConfig:
             dmvae_batch=get(params, "train.dmvae_batch", int, 16, min_value=1),
             max_response_tokens=get(params, "tasks.max_response_tokens", int, 32, min_value=1),
             bucket=get(params, "train.bucket_batches", int, 32, min_value=1),
-            threads=get(params, "train.threads", int, None, min_value=1),
-            sid_softmax=get(params, "loss.sid_softmax", str, "vocab", choices=SID_SOFTMAX),
+            threads=get(params, "train.threads", int, 1, allow_none=True, min_value=1),
+            sid_softmax=get(params, "loss.sid_softmax", str, "sid", choices=SID_SOFTMAX),
             val_beams=get(params, "eval.beams", int, 20, min_value=1),
-            val_scoring=get(params, "eval.scoring", str, "full"),
+            val_scoring=get(params, "eval.scoring", str, "sid"),
             val_batch=get(params, "eval.batch_size", int, 16, min_value=1),
             val_masked=get(params, "eval.mask_history", bool, False),
             packed=seqrec_packed(params),
@@ -727,7 +727,7 @@ def refresh_index(module: TTDSModule, tokenizer, index: IndexState, texts: dict,
         x, table, ch = dynamic.refresh_tower(module.lm, tokenizer, module.sid.tokenizers[lay.tower],
                                              texts[lay.tower], index.tables[lay.tower], lay,
                                              {**embed_kwargs, "token_ids": token_ids[lay.tower]},
-                                             margin=get(params, "index.refresh_margin", float, 0.0,
+                                             margin=get(params, "index.refresh_margin", float, 0.2,
                                                         min_value=0.0))
         index.x[lay.tower], index.tables[lay.tower] = x, table
         # churn -> churn_item, churn_level_2 -> churn_item_level_2

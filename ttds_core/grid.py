@@ -2,12 +2,11 @@
 
 Default: one after the other in the workspace (`dvc exp run --name … -S …`), with
 `params.yaml` reset to the committed baseline before each, and the baseline's params,
-lock, metrics and outputs restored at the end (`git checkout`, `dvc checkout`). This
-works whatever `data.root` is: queued or `--temp` experiments run in a copy of the
-repository under `.dvc/tmp/exps`, where a data path relative to the repository (the
-default `../shared/data/...`) no longer resolves. `--queue` queues them instead
-(`dvc exp run --queue`, then `--run-all`) for data inside the repository or at an
-absolute path; queued runs start from the last commit plus changes to tracked files.
+lock, metrics and outputs restored at the end (`git checkout`, `dvc checkout`). `--queue`
+queues them instead (`dvc exp run --queue`, then `--run-all`): queued runs live in a copy
+of the repository under `.dvc/tmp/exps` (a relative `data.root` is resolved against the
+repository the copy came from: `preprocess.workspace_path`) and start from the last commit
+plus changes to tracked files.
 Compare with `dvc exp show` / `dvc metrics diff`, render with `ttds report`.
 """
 

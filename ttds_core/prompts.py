@@ -61,9 +61,9 @@ TS_ALIGN = [
 
 
 def seqrec_packed(params: dict) -> bool:
-    """Whether `tasks.seqrec_format` is the packed one (prefix when unset)."""
+    """Whether `tasks.seqrec_format` is the packed one (packed when unset, as in params.yaml)."""
     from .config import get
-    return get(params, "tasks.seqrec_format", str, "prefix", choices=SEQREC_FORMATS) == "packed"
+    return get(params, "tasks.seqrec_format", str, "packed", choices=SEQREC_FORMATS) == "packed"
 
 
 def user_clause(user_sid: str | None) -> str:

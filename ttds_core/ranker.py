@@ -50,6 +50,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
+from .cases import Case  # noqa: F401  (a ranking query; re-exported for callers)
 from .errors import TTDSError
 from .tokens import split_sid
 from .vocab import encode_prompt, encode_response
@@ -497,17 +498,6 @@ def _merge_pool(items: torch.Tensor, scores: torch.Tensor, new_items: torch.Tens
 
 
 # ---------------------------------------------------------------- ranking cases
-
-
-@dataclass
-class Case:
-    """One ranking query: the prompt history, what masking excludes, and the target."""
-
-    user_id: int
-    split: str
-    history: list[int]        # items shown in the prompt (the last max_history)
-    seen: list[int]           # every item before the target: excluded when masking
-    target: int | None        # None when serving (no target)
 
 
 class PromptBuilder:

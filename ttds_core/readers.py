@@ -17,6 +17,7 @@ Readers do no filtering and no sorting beyond recording the file order in `order
 
 from __future__ import annotations
 
+import ast
 import gzip
 import json
 from dataclasses import dataclass, field
@@ -177,7 +178,24 @@ def item_text_table(df: pd.DataFrame, path: Path) -> pd.DataFrame:
     return out.drop_duplicates("original_id", keep="first").reset_index(drop=True)
 
 
+def _listed(value: str):
+    """A CSV cell holding a list written as Python or JSON (`['Games', 'PC']`) as that list;
+    anything else unchanged. Only literals are parsed (`ast.literal_eval`), and only a list of
+    strings counts, so a title such as `[Prototype]` stays text."""
+    text = value.strip()
+    if not (text.startswith("[") and text.endswith("]")):
+        return value
+    try:
+        parsed = ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return value
+    flat = _flatten(parsed) if isinstance(parsed, list) else None
+    return flat if flat is not None and all(isinstance(v, str) for v in flat) else value
+
+
 def _flatten(value):
+    if isinstance(value, str):
+        return _listed(value)
     if isinstance(value, (list, tuple)):
         flat = []
         for v in value:
@@ -283,6 +301,27 @@ def _lcrec_item_text(root: Path, name: str, item_text_file: Path | None,
             rows.append({**record, "original_id": item_ids[int(key)]})
         return item_text_table(pd.DataFrame(rows), item_json), str(item_json)
     return _empty_item_text(), None
+
+
+def candidate_files(fmt: str, root: Path | None, name: str, item_text_file: Path | None = None,
+                    interactions_file: Path | None = None, items_file: Path | None = None) -> list[Path]:
+    """Every file the reader of `fmt` reads or would fall back to, existing or not.
+
+    The `inputs` stage fingerprints these, so editing, adding or removing any of them
+    re-runs `preprocess` (a fallback such as `X.item.json` counts: creating `X.item2title.tsv`
+    changes what is read). `RawData.files` is always a subset (tested).
+    """
+    if fmt == "lcrec":
+        files = [root / f"{name}.{suffix}" for suffix in ("inter.json", "item2id", "user2id")]
+        files += [item_text_file] if item_text_file is not None else [
+            root / f"{name}.item2title.tsv", root / f"{name}.item.json"]
+        return files
+    if fmt == "amazon2018":
+        files = [root / f"{name}_5.json.gz", root / f"{name}_5.json"]
+        files += [item_text_file] if item_text_file is not None else [
+            root / f"meta_{name}.json.gz", root / f"meta_{name}.json"]
+        return files
+    return [f for f in (interactions_file, items_file) if f is not None]
 
 
 # --------------------------------------------------------------------------- amazon2018

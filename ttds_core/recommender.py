@@ -76,7 +76,7 @@ def save_recommender(model_dir: str | Path, module, tokenizer, tables: dict[str,
             "layouts": [vars(lay) for lay in sid.layouts], "tied_head": sid.out_rows is None,
             "tie_embeddings": bool(len(sid.proj)), "vocab_size": len(tokenizer),
             "template": get(params, "train.template", int, 0),
-            "seqrec_format": get(params, "tasks.seqrec_format", str, "prefix"),
+            "seqrec_format": get(params, "tasks.seqrec_format", str, "packed"),
             "max_history": get(params, "data.max_history", int)})
 
 

@@ -315,7 +315,16 @@ def _markdown(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def table1(baselines: dict, runs: dict, masked: bool, paper_dataset: str) -> str:
+def table1(baselines: dict, runs: dict, masked: bool, paper_dataset: str | None) -> str:
+    """Our rows, and the paper's Table 1 beside them when the catalogue is one of the paper's
+    (`paper_dataset`; None: ours only, the paper has no numbers for it)."""
+    if paper_dataset is None:
+        rows = [[label, *_row(_values(_section(baselines[key], masked)))]
+                for key, label in BASELINE_LABELS.items() if key in baselines]
+        ours = _section(runs["TTDS"], masked) if "TTDS" in runs else None
+        rows.append(["**TTDS**", *_row(_values(ours))])
+        rows.append(["Improvement vs best baseline", *improvement(ours, best_baseline(baselines, masked))])
+        return _markdown(["model", *METRICS], rows) + "\n\nImprovement = (TTDS - best) / best per metric."
     paper = PAPER_TABLE1[paper_dataset]
     header = ["model", *METRICS, *(f"paper {m}" for m in METRICS)]
     rows = []
@@ -540,21 +549,40 @@ def provenance_section(baselines: dict, runs: dict, run_revs: dict | None = None
             "baseline, the `evaluate` stage for a TTDS run (its fine-tuning time is in "
             "`metrics/finetune.json`). \"metrics from\" is the commit (or experiment) whose metrics "
             "file the row reads; re-runs of the same code record other seconds. The machine and the "
-            "stage times of the CPU default are in the README (\"Results\").")
+            "stage times of the CPU default are in docs/results-cpu-default.md.")
+
+
+def data_summary(dataset: str, data: dict | None) -> str:
+    """What `preprocess` actually produced (its metrics file), not what params say now."""
+    if not data:
+        return f"Dataset **{dataset}** (no metrics/preprocess.json: run `dvc repro preprocess`)"
+    subset = data.get("subset")
+    how = (f"a {subset['sampler']} sample of {subset['max_users']:,} users (seed {subset['seed']}), "
+           f"re-filtered to the {data.get('kcore')}-core" if subset else f"every user of the {data.get('kcore')}-core")
+    def count(key):
+        return f"{data[key]:,}" if isinstance(data.get(key), int) else "?"
+
+    return (f"Dataset **{data.get('name', dataset)}** ({data.get('format')}): {count('users')} users, "
+            f"{count('items')} items, {count('interactions')} interactions; {how}")
 
 
 def render(params: dict, baselines: dict, runs: dict, significance: str, ablations: str = "",
-           run_revs: dict | None = None) -> str:
-    dataset = get(params, "data.name", str, default="?")
-    paper_dataset = dataset if dataset in PAPER_TABLE1 else "Instruments"
+           run_revs: dict | None = None, data: dict | None = None) -> str:
+    """The report. `data`: `metrics/preprocess.json` of the catalogue the numbers are on."""
+    dataset = get(params, "data.name", str)
+    fmt = (data or {}).get("format", get(params, "data.format", str, "lcrec"))
+    # The paper's Table 1 only beside the paper's own catalogues (read by the Amazon readers).
+    paper_dataset = dataset if dataset in PAPER_TABLE1 and fmt != "generic" else None
     users = next((m.get("users") for m in [*baselines.values(), *runs.values()] if m.get("users")), None)
+    paper_note = (f"paper: the TTDS paper (Table 1 for {paper_dataset}; " if paper_dataset else
+                  "paper: the TTDS paper reports no numbers for this catalogue (")
     parts = [
         "# Results: TTDS and baselines on our split",
         "",
-        f"Dataset **{dataset}** (max_users = {get(params, 'data.max_users', int, default=None)}), "
+        f"{data_summary(dataset, data)}. "
         f"{users if users is not None else '?'} test users, leave-one-out, full ranking over all items "
-        "(no candidate sampling). Ours: measured by `evaluate` / `baseline`; paper: the TTDS paper "
-        f"(Table 1 for {paper_dataset}; Tables 2-3 are on Instruments, LLaMA-7B backbone). "
+        "(no candidate sampling). Ours: measured by `evaluate` / `baseline`; " + paper_note +
+        "Tables 2-3 are on Instruments, LLaMA-7B backbone). "
         "'—' = not run. Unmasked and history-masked numbers are not comparable with each other; "
         "the paper's baseline rows look masked (SPEC).",
     ]
@@ -580,6 +608,7 @@ def render(params: dict, baselines: dict, runs: dict, significance: str, ablatio
 
 def report_cli(params: dict, out: str, experiments: str | None = None, revs: list[str] | None = None,
                metrics_dir: str | Path = "metrics/baselines", eval_path: str | Path = "metrics/eval.json",
+               preprocess_path: str | Path = "metrics/preprocess.json",
                eval_ranks: str | Path = "data/eval/ranks.parquet",
                baseline_dir: str | Path = "data/baselines") -> Path:
     """Write the markdown report to `out` and the bar chart beside it (same stem, .png)."""
@@ -593,7 +622,8 @@ def report_cli(params: dict, out: str, experiments: str | None = None, revs: lis
     baselines = align_users(baselines, Path(eval_ranks), Path(baseline_dir))
     significance = significance_section(baselines, Path(eval_ranks), Path(baseline_dir))
     ablations = ablation_significance(run_revs, lambda rev: ranks_at(rev, Path(eval_ranks)))
-    text = render(params, baselines, runs, significance, ablations, run_revs).replace("(results.png)", f"({out.stem}.png)")
+    data = read_json(preprocess_path) if Path(preprocess_path).exists() else None
+    text = render(params, baselines, runs, significance, ablations, run_revs, data).replace("(results.png)", f"({out.stem}.png)")
     bar_chart(out.with_suffix(".png"), baselines, runs)
     with atomic_path(out, ".md") as tmp:
         tmp.write_text(text)

@@ -51,9 +51,6 @@ from . import prompts
 from .errors import TTDSError
 from .text import clean_text, is_missing
 
-TASKS = ("seqrec", "next_user", "preference", "ts_align")
-
-
 @dataclass(frozen=True)
 class Sample:
     task: str
@@ -192,32 +189,168 @@ def window_targets(end: int, max_history: int) -> range:
     return range(max(max_history + 1, end - _stride(max_history)), end)
 
 
-def _pool(task: str, data: TaskData) -> list[Sample]:
-    if task == "seqrec" and data.packed:
-        return [Sample(task, u, e) for u, seq in sorted(data.train_seqs.items())
-                for e in window_ends(len(seq), data.max_history)]
-    if task in ("seqrec", "preference"):
-        return [Sample(task, u, p) for u, seq in sorted(data.train_seqs.items()) for p in range(1, len(seq))]
-    if task == "next_user":
-        return [Sample(task, i, k) for i, users in sorted(data.item_users.items()) for k in range(1, len(users))]
-    if task == "ts_align":
-        return [Sample(task, d, i) for d in range(1, data.align_depth + 1) for i in sorted(data.titles)]
-    raise TTDSError(f"tasks.weights: unknown task {task!r}, expected one of {', '.join(TASKS)}")
+@dataclass
+class SidTables:
+    """Current SID strings, indexed by entity id (users None when the user tower is off)."""
+    item: list[str]
+    user: list[str] | None = None
+
+
+class Task:
+    """One task of the mixture (LC-Rec style: one class per task). A task knows its pool of
+    structural samples, how to render one with the current SID tables, how many prompt
+    templates it has, and a prompt-length proxy for bucketing. Adding a task: a subclass
+    here, its prompts in `prompts.py`, one line in `REGISTRY`, its weight under
+    `tasks.weights` (and its name in `schema.TASKS`)."""
+
+    name: str = ""
+    group: str = "high_order"   # when it runs: "core" always, "high_order" with tasks.high_order,
+                                # "ts_align" with tasks.ts_align
+    needs_user_tower: bool = False
+
+    def pool(self, data: TaskData) -> list[Sample]:
+        raise NotImplementedError
+
+    def render(self, sample: Sample, data: TaskData, sids: SidTables, template: int,
+               eos: str | None) -> tuple[str, str]:
+        raise NotImplementedError
+
+    def n_templates(self) -> int:
+        raise NotImplementedError
+
+    def approx_length(self, sample: Sample, data: TaskData) -> int:
+        return min(sample.pos, data.max_history)
+
+
+def _prefix_samples(task: str, data: TaskData) -> list[Sample]:
+    """One sample per target of each training sequence (pos = the target's index)."""
+    return [Sample(task, u, p) for u, seq in sorted(data.train_seqs.items()) for p in range(1, len(seq))]
+
+
+def _history(sample: Sample, data: TaskData, sids: SidTables) -> tuple[int, list[str], str | None]:
+    """(target item, SIDs of the last max_history training items before it, user SID)."""
+    seq = data.train_seqs[sample.key]
+    history = [sids.item[i] for i in seq[max(0, sample.pos - data.max_history):sample.pos]]
+    return seq[sample.pos], history, sids.user[sample.key] if sids.user is not None else None
+
+
+class SeqRec(Task):
+    """history -> next item's SID; packed: a window of a user's items, every next SID a target."""
+
+    name, group = "seqrec", "core"
+
+    def pool(self, data):
+        if data.packed:
+            return [Sample(self.name, u, e) for u, seq in sorted(data.train_seqs.items())
+                    for e in window_ends(len(seq), data.max_history)]
+        return _prefix_samples(self.name, data)
+
+    def render(self, sample, data, sids, template, eos):
+        if data.packed:
+            seq = data.train_seqs[sample.key]
+            start, first = window_start(sample.pos, data.max_history), window_targets(sample.pos, data.max_history)[0]
+            user = sids.user[sample.key] if sids.user is not None else None
+            return (prompts.seqrec_prompt([sids.item[i] for i in seq[start:first]], user, template, packed=True, eos=eos),
+                    prompts.packed_response([sids.item[i] for i in seq[first:sample.pos]], eos))
+        target, history, user = _history(sample, data, sids)
+        return prompts.seqrec_prompt(history, user, template), sids.item[target]
+
+    def n_templates(self):
+        return min(len(prompts.SEQREC), len(prompts.SEQREC_PACKED))
+
+    def approx_length(self, sample, data):
+        if data.packed:
+            return sample.pos - window_start(sample.pos, data.max_history)
+        return min(sample.pos, data.max_history)
+
+
+class Preference(Task):
+    """history -> the user's review of the next training item, else its title."""
+
+    name = "preference"
+
+    def pool(self, data):
+        return _prefix_samples(self.name, data)
+
+    def render(self, sample, data, sids, template, eos):
+        target, history, user = _history(sample, data, sids)
+        review = data.reviews.get((sample.key, target))
+        prompt = prompts.preference_prompt(history, user, template, has_reviews=review is not None)
+        return prompt, review if review is not None else data.titles[target]
+
+    def n_templates(self):
+        return min(len(prompts.PREFERENCE), len(prompts.PREFERENCE_TITLE))
+
+
+class NextUser(Task):
+    """an item's SID and its earlier users -> the next user's SID."""
+
+    name, needs_user_tower = "next_user", True
+
+    def pool(self, data):
+        return [Sample(self.name, i, k) for i, users in sorted(data.item_users.items()) for k in range(1, len(users))]
+
+    def render(self, sample, data, sids, template, eos):
+        if sids.user is None:
+            raise TTDSError("tasks: next_user needs the user tower (tower.user: true)")
+        users = data.item_users[sample.key]
+        before = users[max(0, sample.pos - data.max_next_user):sample.pos]
+        prompt = prompts.next_user_prompt(sids.item[sample.key], [sids.user[u] for u in before], template)
+        return prompt, sids.user[users[sample.pos]]
+
+    def n_templates(self):
+        return len(prompts.NEXT_USER)
+
+    def approx_length(self, sample, data):
+        return min(sample.pos, data.max_next_user)
+
+
+class TsAlign(Task):
+    """a SID prefix alone -> the title words its items share (TS-Align of TS-Rec)."""
+
+    name, group = "ts_align", "ts_align"
+
+    def pool(self, data):
+        return [Sample(self.name, d, i) for d in range(1, data.align_depth + 1) for i in sorted(data.titles)]
+
+    def render(self, sample, data, sids, template, eos):
+        prefix = "".join(_SID_TOKEN.findall(sids.item[sample.pos])[:sample.key])
+        words = _aligned_words(data, sids.item)[prefix] or data.titles[sample.pos]
+        return prompts.ts_align_prompt(prefix, template), words
+
+    def n_templates(self):
+        return len(prompts.TS_ALIGN)
+
+    def approx_length(self, sample, data):
+        return 1
+
+
+REGISTRY: dict[str, Task] = {task.name: task for task in (SeqRec(), NextUser(), Preference(), TsAlign())}
+TASKS = tuple(REGISTRY)
+
+
+def task(name: str) -> Task:
+    if name not in REGISTRY:
+        raise TTDSError(f"tasks.weights: unknown task {name!r}, expected one of {', '.join(TASKS)}")
+    return REGISTRY[name]
+
+
+def _pool(name: str, data: TaskData) -> list[Sample]:
+    return task(name).pool(data)
 
 
 def enabled_tasks(weights: dict, high_order: bool, user_tower: bool, ts_align: bool = False) -> dict[str, float]:
     """The tasks that run: seqrec always; high-order ones only with `tasks.high_order`,
     next_user only with the user tower (STDS has no user tokens at all), ts_align only
     with `tasks.ts_align`."""
-    out = {"seqrec": float(weights.get("seqrec", 1.0))}
-    if high_order:
-        if user_tower:
-            out["next_user"] = float(weights.get("next_user", 0.0))
-        out["preference"] = float(weights.get("preference", 0.0))
-    if ts_align:
-        if "ts_align" not in weights:
-            raise TTDSError("params: 'tasks.ts_align' is on but 'tasks.weights.ts_align' is missing")
-        out["ts_align"] = float(weights["ts_align"])
+    switches = {"core": True, "high_order": high_order, "ts_align": ts_align}
+    out = {}
+    for name, t in REGISTRY.items():
+        if not switches[t.group] or (t.needs_user_tower and not user_tower):
+            continue
+        if t.group == "ts_align" and name not in weights:
+            raise TTDSError(f"params: 'tasks.{name}' is on but 'tasks.weights.{name}' is missing")
+        out[name] = float(weights.get(name, 1.0 if t.group == "core" else 0.0))
     for name, w in out.items():
         if not 0.0 <= w or (name == "seqrec" and not 0.0 < w <= 1.0):
             raise TTDSError(f"params: 'tasks.weights.{name}' = {w}, expected seqrec in (0, 1] and others >= 0")
@@ -242,62 +375,20 @@ def build_samples(data: TaskData, weights: dict[str, float], seed: int) -> list[
     return out
 
 
-@dataclass
-class SidTables:
-    """Current SID strings, indexed by entity id (users None when the user tower is off)."""
-    item: list[str]
-    user: list[str] | None = None
-
-
 def render(sample: Sample, data: TaskData, sids: SidTables, template: int, eos: str | None = None
            ) -> tuple[str, str]:
     """(prompt, response) text of one sample with the current SID tables. `eos` (the
     tokenizer's EOS text) separates the items of a packed seqrec row."""
-    if sample.task == "seqrec" and data.packed:
-        seq = data.train_seqs[sample.key]
-        start, first = window_start(sample.pos, data.max_history), window_targets(sample.pos, data.max_history)[0]
-        user = sids.user[sample.key] if sids.user is not None else None
-        return (prompts.seqrec_prompt([sids.item[i] for i in seq[start:first]], user, template, packed=True, eos=eos),
-                prompts.packed_response([sids.item[i] for i in seq[first:sample.pos]], eos))
-    if sample.task in ("seqrec", "preference"):
-        seq = data.train_seqs[sample.key]
-        target = seq[sample.pos]
-        history = [sids.item[i] for i in seq[max(0, sample.pos - data.max_history):sample.pos]]
-        user = sids.user[sample.key] if sids.user is not None else None
-        if sample.task == "seqrec":
-            return prompts.seqrec_prompt(history, user, template), sids.item[target]
-        review = data.reviews.get((sample.key, target))
-        prompt = prompts.preference_prompt(history, user, template, has_reviews=review is not None)
-        return prompt, review if review is not None else data.titles[target]
-    if sample.task == "next_user":
-        if sids.user is None:
-            raise TTDSError("tasks: next_user needs the user tower (tower.user: true)")
-        users = data.item_users[sample.key]
-        before = users[max(0, sample.pos - data.max_next_user):sample.pos]
-        prompt = prompts.next_user_prompt(sids.item[sample.key], [sids.user[u] for u in before], template)
-        return prompt, sids.user[users[sample.pos]]
-    if sample.task == "ts_align":
-        prefix = "".join(_SID_TOKEN.findall(sids.item[sample.pos])[:sample.key])
-        words = _aligned_words(data, sids.item)[prefix] or data.titles[sample.pos]
-        return prompts.ts_align_prompt(prefix, template), words
-    raise TTDSError(f"unknown task {sample.task!r}")
+    return task(sample.task).render(sample, data, sids, template, eos)
 
 
-def n_templates(task: str) -> int:
-    return {"seqrec": min(len(prompts.SEQREC), len(prompts.SEQREC_PACKED)), "next_user": len(prompts.NEXT_USER),
-            "preference": min(len(prompts.PREFERENCE), len(prompts.PREFERENCE_TITLE)),
-            "ts_align": len(prompts.TS_ALIGN)}[task]
+def n_templates(name: str) -> int:
+    return task(name).n_templates()
 
 
 def approx_length(sample: Sample, data: TaskData) -> int:
     """Prompt length proxy (entities shown) for length-bucketed batching, before rendering."""
-    if sample.task == "next_user":
-        return min(sample.pos, data.max_next_user)
-    if sample.task == "ts_align":
-        return 1
-    if sample.task == "seqrec" and data.packed:
-        return sample.pos - window_start(sample.pos, data.max_history)
-    return min(sample.pos, data.max_history)
+    return task(sample.task).approx_length(sample, data)
 
 
 def validation_samples(sequences: pd.DataFrame, n_users: int, seed: int) -> list[tuple[int, list[int], int]]:

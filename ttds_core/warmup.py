@@ -48,7 +48,7 @@ def index_config(params: dict, in_dim: int) -> dict:
         "codebook_size": get(params, "index.codebook_size", int),
         "code_dim": get(params, "index.code_dim", int, min_value=1),
         "beta": get(params, "warmup.beta", float, 0.25, min_value=0.0),
-        "seed": get(params, "seed", int, 0),
+        "seed": get(params, "seed", int, 42),
     }
 
 
@@ -172,7 +172,7 @@ def _log_histories(histories: dict, path: str) -> None:
 def run(params: dict, embeddings_dir: str | Path = "data/embeddings", out_dir: str | Path = "data/tokenizer",
         metrics_path: str | Path = "metrics/warmup.json", live_dir: str = "dvclive/warmup") -> None:
     """The `warmup` stage: data/embeddings -> data/tokenizer/{item,user}.safetensors + config.json."""
-    seed = get(params, "seed", int, 0)
+    seed = get(params, "seed", int, 42)
     towers = ["item", "user"] if get(params, "tower.user", bool) else ["item"]
     train_cfg = warmup_config(params)
     configs, metrics, histories = {}, {}, {}

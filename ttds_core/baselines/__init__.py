@@ -2,7 +2,7 @@
 
 `run(params, name)` is the `baseline@<name>` DVC stage: it reads
 `data/processed/sequences.parquet`, trains `name` on the training part only, ranks the
-validation and test targets over the full item set (unmasked and history-masked) and
+validation and test targets of the users `evaluate` ranks (`eval.max_users`) over the full item set (unmasked and history-masked) and
 writes `metrics/baselines/<name>.json` (the `metrics/eval.json` format) and
 `data/baselines/<name>/ranks.parquet` (the `data/eval/ranks.parquet` format).
 While it trains, `data/baselines/checkpoints/<name>` holds the state after the last
@@ -16,6 +16,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import torch
 
 from ..config import get, seed_everything
@@ -67,6 +69,17 @@ def pick_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
+def ranked_users(params: dict, split) -> np.ndarray:
+    """The users `evaluate` ranks for TTDS (`eval.max_users`, seeded), so that baseline and
+    TTDS metrics are over the same users."""
+    from ..cases import select_users
+
+    table = pd.DataFrame({"user_id": split.user_ids, "items": [s.tolist() for s in split.sequences]})
+    chosen = select_users(table, get(params, "eval.max_users", int, default=None, min_value=1),
+                          get(params, "seed", int))
+    return chosen["user_id"].to_numpy(np.int64)
+
+
 def run(params: dict, name: str, processed_dir: str | Path = "data/processed",
         metrics_dir: str | Path = "metrics/baselines", out_dir: str | Path = "data/baselines") -> dict:
     """Train and evaluate baseline `name`; write its metrics and per-user ranks.
@@ -75,7 +88,7 @@ def run(params: dict, name: str, processed_dir: str | Path = "data/processed",
     """
     cfg = model_config(params, name)
     select_masked = get(params, "eval.mask_history", bool, default=False)
-    threads = get(params, "baselines.threads", int, default=None, min_value=1)
+    threads = get(params, "baselines.threads", int, default=1, allow_none=True, min_value=1)
     if threads:
         torch.set_num_threads(threads)
     split = load_split(processed_dir)
@@ -83,7 +96,8 @@ def run(params: dict, name: str, processed_dir: str | Path = "data/processed",
     model = MODELS[name](split.n_items, cfg["max_history"], cfg)
     checkpoint = Path(out_dir) / "checkpoints" / name
     metrics, ranks, history = fit_and_evaluate(model, split, cfg, pick_device(cfg["device"]),
-                                               select_masked=select_masked, checkpoint=checkpoint)
+                                               select_masked=select_masked, checkpoint=checkpoint,
+                                               eval_users=ranked_users(params, split))
     with atomic_dir(Path(out_dir) / name) as tmp:
         write_parquet(tmp / "ranks.parquet", ranks)
         write_json(tmp / "history.json", {

@@ -32,6 +32,11 @@ class Split:
     sequences: list[np.ndarray]    # full chronological sequences (train + valid + test)
     n_items: int
 
+    def only(self, user_ids: np.ndarray) -> "Split":
+        """The same split restricted to `user_ids` (kept in `user_id` order)."""
+        keep = np.isin(self.user_ids, user_ids)
+        return Split(self.user_ids[keep], [s for s, k in zip(self.sequences, keep) if k], self.n_items)
+
     def train_sequences(self) -> list[np.ndarray]:
         return [s[:-2] for s in self.sequences]
 

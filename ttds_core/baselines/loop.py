@@ -169,10 +169,13 @@ def train(model, split: Split, cfg: dict, device, select_masked: bool, log=None,
 
 
 def fit_and_evaluate(model, split: Split, cfg: dict, device, select_masked: bool = False,
-                     checkpoint: str | Path | None = None):
+                     checkpoint: str | Path | None = None, eval_users: np.ndarray | None = None):
     """Train (or fit, for models without parameters), then rank validation and test targets.
 
     `checkpoint`: see `train`; models without parameters have nothing to checkpoint.
+    `eval_users`: the users whose targets are ranked and reported (default all), so that a
+    baseline is measured on the same users as TTDS's `evaluate` (`eval.max_users`); training
+    and early stopping use every user, as TTDS's training does.
 
     Returns (metrics dict in the `metrics/eval.json` format, ranks DataFrame, history).
     """
@@ -183,14 +186,15 @@ def fit_and_evaluate(model, split: Split, cfg: dict, device, select_masked: bool
     else:
         model.fit(split.train_sequences())
         info = {"epochs": 0, "best_epoch": 0, "history": []}
+    ranked = split if eval_users is None else split.only(eval_users)
     metrics, frames = {}, []
     for which in SPLITS:
-        ranks = evaluate(model, split, which, cfg["max_history"], cfg["eval_batch_size"], device)
+        ranks = evaluate(model, ranked, which, cfg["max_history"], cfg["eval_batch_size"], device)
         for masked, r in ranks.items():
             metrics[f"{which}_masked" if masked else which] = metric_table(r)
-            frames.append(rank_frame(split.user_ids, which, split.targets(which), r, masked))
+            frames.append(rank_frame(ranked.user_ids, which, ranked.targets(which), r, masked))
     metrics = {key: metrics[key] for key in ("test", "valid", "test_masked", "valid_masked")}
-    metrics.update(users=len(split.user_ids), items=split.n_items, epochs=info["epochs"],
+    metrics.update(users=len(ranked.user_ids), items=split.n_items, epochs=info["epochs"],
                    best_epoch=info["best_epoch"],
                    seconds=round(time.perf_counter() - start + info.get("earlier_seconds", 0.0), 1))
     return metrics, pd.concat(frames, ignore_index=True), info["history"]
