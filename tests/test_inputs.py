@@ -123,11 +123,13 @@ def test_subset_says_what_it_kept(tmp_path, capsys):
     run_to(tmp_path, make_params(root=str(root), max_users=100, sampler="users"))
     err = capsys.readouterr().err
     assert "data.max_users = 100 (users sampler): 100 of 300 users sampled" in err
+    assert "preprocess: read 300 users, 40 items" in err and "the 5-core (0 rounds) kept 300 users" in err
     metrics = json.loads((tmp_path / "out" / "preprocess.json").read_text())
     collapse = dict(metrics, users=metrics["subset"]["sampled"]["users"] // 3)
     assert preprocess.subset_message(collapse).startswith("warning: ")
-    run_to(tmp_path, make_params(root=str(root)))  # no subset: nothing said
-    assert "max_users" not in capsys.readouterr().err
+    run_to(tmp_path, make_params(root=str(root)))  # no subset: only the k-core line
+    err = capsys.readouterr().err
+    assert "max_users" not in err and err.count("\n") == 1
 
 
 def test_list_valued_text_cells_become_text(tmp_path):

@@ -458,10 +458,20 @@ def run(params: dict, out_dir: str | Path = "data/processed",
     cfg = DataConfig.from_params(params)
     result = process(cfg, read_raw(cfg))
     write_outputs(result, Path(out_dir), Path(metrics_path))
+    print(kcore_message(result.metrics), file=sys.stderr)
     message = subset_message(result.metrics)
     if message:
         print(message, file=sys.stderr)
     return result.metrics
+
+
+def kcore_message(metrics: dict) -> str:
+    """One line: what was read and what the k-core filter kept (users, items, interactions)."""
+    kept = metrics["after_kcore"]
+    return (f"preprocess: read {metrics['raw_users']:,} users, {metrics['raw_items']:,} items, "
+            f"{metrics['raw_interactions']:,} interactions ({metrics['duplicates_dropped']:,} repeats dropped); "
+            f"the {metrics['kcore']}-core ({metrics['kcore_rounds']} rounds) kept {kept['users']:,} users, "
+            f"{kept['items']:,} items, {kept['interactions']:,} interactions")
 
 
 def subset_message(metrics: dict) -> str | None:

@@ -562,7 +562,7 @@ def data_summary(dataset: str, data: dict | None) -> str:
     def count(key):
         return f"{data[key]:,}" if isinstance(data.get(key), int) else "?"
 
-    return (f"Dataset **{data.get('name', dataset)}** ({data.get('format')}): {count('users')} users, "
+    return (f"Dataset **{data.get('name') or dataset}** ({data.get('format')}): {count('users')} users, "
             f"{count('items')} items, {count('interactions')} interactions; {how}")
 
 
