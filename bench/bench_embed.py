@@ -60,7 +60,7 @@ def bare_loop(model, tokenizer, texts, batch_size, max_tokens):
 
 def sorted_padding(tokenizer, texts, batch_size, max_tokens):
     """Pad tokens and total positions of embed_texts' length-sorted batches."""
-    from ttds_core.embed import length_sorted_batches, tokenize_texts
+    from ttds_core.embedding import length_sorted_batches, tokenize_texts
 
     lengths = np.array([len(r) for r in tokenize_texts(tokenizer, texts, max_tokens)])
     pads = total = 0
@@ -73,7 +73,7 @@ def sorted_padding(tokenizer, texts, batch_size, max_tokens):
 def run_method(method: str, args) -> dict:
     from ttds_core.backbone import load_backbone
     from ttds_core.config import get, load_params
-    from ttds_core.embed import embed_texts, tokenize_texts
+    from ttds_core.embedding import embed_texts, tokenize_texts
 
     params = load_params(args.params)
     batch_size = get(params, "embed.batch_size", int)

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ttds_core import preprocess
+from ttds_core import data_source, preprocess
 from ttds_core.config import load_params
 
 
@@ -30,7 +30,7 @@ def peak_rss_mb() -> float:
 
 def bench(params: dict) -> dict:
     rss_start = peak_rss_mb()
-    cfg = preprocess.DataConfig.from_params(params)
+    cfg = data_source.DataConfig.from_params(params)
     t0 = time.perf_counter()
     raw = preprocess.read_raw(cfg)
     t1 = time.perf_counter()

@@ -3,8 +3,8 @@
     python -m bench.bench_step [--steps 3] [--large-layers 1] [--out FILE]
 
 Builds the model exactly as `finetune` does from this workspace's pipeline outputs
-(`data/processed`, `data/embeddings`, `data/tokenizer`, `data/sids`, `data/backbone`:
-run `dvc repro build_sids` first) and runs the real step -- `finetune.step_inputs` (the
+(`data/processed`, `data/embeddings`, `data/quantizer`, `data/sids`, `data/backbone`:
+run `dvc repro build_sids` first) and runs the real step -- `batches.step_inputs` (the
 rendered task rows and the step's DM-VAE entities), `TTDSModule`, backward, clipping with
 the finite check, AdamW, the loss read-back -- on the first full batches of epoch 0 in three
 layouts:
@@ -35,8 +35,11 @@ import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ttds_core import finetune, tasks
-from ttds_core.config import get, load_params
+from ttds_core import dynamic, finetune, tasks
+from ttds_core.batches import dm_entities, epoch_batches, step_inputs
+from ttds_core.config import get, load_params, seed_everything
+from ttds_core.model import make_optimizer
+from ttds_core.train_config import TrainConfig
 
 VARIANTS = {"current": {}, "packed": {"train.packing": True},
             "lean": {"train.packing": True, "lora.dropout": 0.0}}
@@ -75,25 +78,15 @@ def with_overrides(params: dict, overrides: dict) -> dict:
 
 
 def measure(params: dict, batch_size: int, steps: int) -> dict:
-    cfg = finetune.TrainConfig.from_params(params)
+    cfg = TrainConfig.from_params(params)
     torch.set_num_threads(cfg.threads or 1)
-    finetune.seed_everything(cfg.seed)
-    data_dir = Path("data")
-    sequences, items, interactions, texts, x, tables = finetune.load_inputs(params, data_dir, cfg.towers)
-    index = finetune.IndexState(tables=tables, x=x)
-    length = get(params, "index.length", int)
-    weights = tasks.enabled_tasks(get(params, "tasks.weights", dict), get(params, "tasks.high_order", bool),
-                                  "user" in cfg.towers, get(params, "tasks.ts_align", bool))
-    data = tasks.build_task_data(sequences, items, interactions, get(params, "data.max_history", int),
-                                 get(params, "tasks.max_next_user", int), cfg.packed, align_depth=length - 1,
-                                 align_words=get(params, "tasks.ts_align_words", int))
-    samples = tasks.build_samples(data, weights, cfg.seed)
-    quantizers = finetune.load_tokenizers(data_dir, cfg.towers, x, cfg, length, get(params, "index.codebook_size", int))
-    lm, tok, sid = finetune.build_model(params, cfg, index, texts, quantizers, data_dir / "backbone", "cpu")
-    module = finetune.TTDSModule(lm, sid, cfg, tok.eos_token_id).train()
-    optimizer = finetune.make_optimizer(module, cfg)
+    seed_everything(cfg.seed)
+    job = finetune.prepare(params, cfg, Path("data"), get(params, "data.max_history", int), "cpu")
+    module, tok, index, samples, data = job.module, job.tokenizer, job.index, job.samples, job.data
+    sid = module.sid
+    optimizer = make_optimizer(module, cfg)
     # full batches only: the epoch's last, partial batch would understate the step
-    batches = [b for b in finetune.epoch_batches(samples, data, cfg, 0, 0, 1) if len(b[0]) == batch_size]
+    batches = [b for b in epoch_batches(samples, data, cfg, 0, 0, 1) if len(b[0]) == batch_size]
     tables_now = index.sid_tables()
 
     syncs = SyncCounter()
@@ -102,7 +95,7 @@ def measure(params: dict, batch_size: int, steps: int) -> dict:
         idx, tmpl = batches[b % len(batches)]
         pairs = [tasks.render(samples[j], data, tables_now, t, tok.eos_token) for j, t in zip(idx, tmpl)]
         with syncs.paused():  # data preparation reads host tensors only
-            inputs, n_tokens = finetune.step_inputs(pairs, index, tok, cfg, sid, b, 0, "cpu")
+            inputs, n_tokens = step_inputs(pairs, index, tok, cfg, sid, b, 0, "cpu")
         losses = module(**inputs)
         losses["total"].backward()
         norm = torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
@@ -133,8 +126,8 @@ def measure(params: dict, batch_size: int, steps: int) -> dict:
         positions += p
     dm_tokens = 0
     if cfg.dm_vae:  # the DM-VAE rows' tokens are real work too
-        for tower, (strings, _) in finetune.dm_entities(index, cfg, 0, 0).items():
-            dm_tokens += sum(len(r) for r in finetune.dynamic.sid_token_rows(tok, strings))
+        for tower, (strings, _) in dm_entities(index, cfg, 0, 0).items():
+            dm_tokens += sum(len(r) for r in dynamic.sid_token_rows(tok, strings))
     real = tokens + dm_tokens * steps
     return {"aten_calls_per_step": calls, "aten_calls_per_sample": round(calls / batch_size, 1),
             "host_syncs_per_step": syncs.count, "padding_share": round(1 - real / positions, 3),

@@ -13,7 +13,11 @@ per-epoch validation `data/baselines/<model>/history.json`, and `params.yaml`. W
   masked), epochs and seconds, and the paired tests of TTDS against SASRec and MostPop;
 - `results.md`: the same as markdown tables (pasted into docs/benchmark.md);
 - `curves/<model>.csv` (epoch, valid_NDCG@10) for `dvc plots show` (dvc.yaml, top-level
-  `plots`) and `learning_curves.png`: validation NDCG@10 per epoch of every model.
+  `plots`) and `learning_curves.png`: validation NDCG@10 per epoch of every model;
+- `ttds_ranks.parquet`: TTDS's per-user ranks (every split, masked and unmasked, ~15 kB), so
+  that a later run of another TTDS setting can be paired with this one user by user:
+  `--against docs/bench/<other run>` adds its TTDS (label: the folder's name) to the paired
+  tests (same users and targets, checked).
 
 Every model must have ranked the same users on the same targets: the paired test refuses
 otherwise (`ttds_core.report.paired_test`).
@@ -29,7 +33,7 @@ from pathlib import Path
 import yaml
 
 from ttds_core.errors import TTDSError
-from ttds_core.io import atomic_path, read_json, read_parquet, write_json
+from ttds_core.io import atomic_path, read_json, read_parquet, write_json, write_parquet
 from ttds_core.report import BASELINE_LABELS, METRICS, RANK_COLUMNS, paired_test, per_user
 
 MODELS = ("mostpop", "gru4rec", "bert4rec", "fmlprec", "sasrec")  # table order; TTDS last
@@ -89,15 +93,28 @@ def table(models: dict) -> dict:
     return out
 
 
-def paired(models: dict) -> dict:
+def paired(models: dict, against: dict | None = None) -> dict:
+    """TTDS against SASRec, MostPop and every earlier TTDS run in `against` (label -> ranks)."""
     ours = models["TTDS"]["ranks"]
+    others = {name: models[name]["ranks"] for name in ("SASRec", "MostPop")} | (against or {})
     out = {}
-    for other in ("SASRec", "MostPop"):
-        theirs = models[other]["ranks"]
+    for other, theirs in others.items():
         for split in ("test", "valid"):
             for masked in (False, True):
                 key = f"{split}_masked" if masked else split
                 out.setdefault(other, {})[key] = paired_test(ours, theirs, masked, theirs_name=other, split=split)
+    return out
+
+
+def earlier_runs(folders: list[str]) -> dict:
+    """label (the folder's name) -> TTDS ranks kept by an earlier report in that folder."""
+    out = {}
+    for folder in folders:
+        path = Path(folder) / "ttds_ranks.parquet"
+        if not path.exists():
+            raise TTDSError(f"--against {folder}: no ttds_ranks.parquet there (written by this report since "
+                            "it keeps TTDS's ranks)")
+        out[f"TTDS ({Path(folder).name})"] = read_parquet(path, RANK_COLUMNS)
     return out
 
 
@@ -242,13 +259,16 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", default=".", help="the workspace the benchmark ran in")
     ap.add_argument("--out", default="docs/bench/benchmark")
+    ap.add_argument("--against", action="append", default=[], metavar="DIR",
+                    help="an earlier report's folder: pair this TTDS with the TTDS ranks kept there (repeatable)")
     args = ap.parse_args(argv)
     root, out = Path(args.root), Path(args.out)
     params = yaml.safe_load((root / "params.yaml").read_text())
     models = load(root, masked=bool(params["eval"].get("mask_history")))
+    against = earlier_runs(args.against)
     subset = read_json(root / "metrics" / "preprocess.json")
     rows = table(models)
-    tests = paired(models)
+    tests = paired(models, against)
     sequences = read_parquet(root / "data" / "processed" / "sequences.parquet", ["user_id", "items"])
     counts = train_counts(sequences)
     popularity = by_popularity(models, counts)
@@ -259,6 +279,7 @@ def main(argv=None) -> dict:
               "curves": {name: m["curve"] for name, m in models.items()}, "ttds_epochs": ttds_epochs(models)}
     write_json(out / "results.json", result)
     write_curves(models, out)
+    write_parquet(out / "ttds_ranks.parquet", models["TTDS"]["ranks"])
     with atomic_path(out / "results.md", ".md") as tmp:
         tmp.write_text(markdown(result["subset"], rows, tests, popularity, top1, result["ttds_epochs"]))
     print((out / "results.md").read_text())
@@ -266,4 +287,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from ttds_core.cli import user_errors
+
+    with user_errors():
+        main()

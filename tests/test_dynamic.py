@@ -24,7 +24,7 @@ def _extended(model, tok, tie: bool, length=2, size=4, max_suffix=3, dim_code=8)
     qs = {t: RQVAE(model.config.hidden_size, code_dim=dim_code, length=length, codebook_size=size,
                    widths=[model.config.hidden_size, dim_code]) for t in ("item", "user")}
     sid = dynamic.SidVocab(ids[0], layouts, model.config.hidden_size, tied_head=dynamic.is_tied(model),
-                           tokenizers=qs, tie_codebooks=tie)
+                           quantizers=qs, tie_codebooks=tie)
     dynamic.init_rows(sid, 0.02, torch.Generator().manual_seed(0))
     lm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                           task_type="CAUSAL_LM"))
@@ -66,12 +66,12 @@ def test_tied_codebooks_receive_the_recommendation_gradient(tiny_lm):
     lm, sid, ids = _extended(model, tok, tie=True)
     lm.train()
     assert set(sid.proj) == {"item", "user"}
-    params = [sid.rows, *sid.proj.parameters(), *sid.tokenizers.parameters()]
+    params = [sid.rows, *sid.proj.parameters(), *sid.quantizers.parameters()]
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.SGD(params, lr=0.5)
     prompt = torch.tensor([tok("the next item")["input_ids"] + [ids[1], ids[5]]])
-    book = sid.tokenizers["item"].codebooks
+    book = sid.quantizers["item"].codebooks
     for _ in range(2):  # the projection starts at zero: step 1 moves it, step 2 reaches the codebooks
         opt.zero_grad()
         logits = lm(input_ids=prompt[:, :-1]).logits[:, -1]
@@ -105,7 +105,7 @@ def test_refresh_changes_sids_when_the_backbone_changes_and_targets_follow(tiny_
     model, tok = tiny_lm
     tok.padding_side = "left"
     texts = [f"Mario game number {i} with a controller" for i in range(10)]
-    from ttds_core.embed import embed_texts
+    from ttds_core.embedding import embed_texts
     from ttds_core.quantize import LSHQuantizer
 
     x0 = embed_texts(model, tok, texts, batch_size=4, max_tokens=16, progress=False)
@@ -202,12 +202,12 @@ def test_lsh_sticky_codes_flip_only_bits_that_crossed_by_more_than_the_margin():
 
 @pytest.mark.parametrize("softmax", ["vocab", "sid"])
 def test_response_loss_scores_only_the_labelled_positions(tiny_lm, softmax):
-    """The loss of `finetune.response_loss` (logits only where a label is) equals cross-
+    """The loss of `model.response_loss` (logits only where a label is) equals cross-
     entropy over the full forward's logits: the whole vocabulary, or for SID responses
     the SID columns + EOS."""
     import torch.nn.functional as F
 
-    from ttds_core.finetune import response_loss
+    from ttds_core.model import response_loss
 
     model, tok = tiny_lm
     lm, sid, ids = _extended(model, tok, tie=True)

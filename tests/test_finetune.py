@@ -17,6 +17,7 @@ import torch
 import yaml
 
 from ttds_core import finetune
+from ttds_core import model as ttds_model
 from ttds_core.io import load_tensors, read_parquet
 from ttds_core.prompts import seqrec_prompt
 from ttds_core.recommender import load_recommender
@@ -137,7 +138,7 @@ def _outputs() -> dict:
     rows = load_tensors("data/model/sid_rows.safetensors")
     adapter = load_tensors("data/model/adapter/adapter_model.safetensors")
     return {"rows": rows["input"], **adapter, "items": read_parquet("data/model/item_sids.parquet")["sid"].tolist(),
-            "tok": load_tensors("data/model/tokenizers.safetensors")}
+            "tok": load_tensors("data/model/quantizers.safetensors")}
 
 
 def _dynamic_params(**kw):
@@ -245,7 +246,7 @@ def test_resume_after_a_best_that_is_never_beaten_saves_that_best(toy_root, tmp_
 
         monkeypatch.setattr(finetune, "validate", falling_validation)
         if name == "killed":
-            _kill_at_first_checkpoint(monkeypatch, params, when=lambda progress: progress["best"] is not None)
+            _kill_at_first_checkpoint(monkeypatch, params, when=lambda progress: progress.best is not None)
             state = json.loads(Path("data/checkpoints/last/state.json").read_text())
             assert state["best"]["step"] < state["step"]
         out = finetune.run(params)
@@ -284,9 +285,9 @@ def test_patience_stops_early_and_saves_the_best_state(project, monkeypatch):
 
 @pytest.mark.parametrize("packing", [False, True])
 def test_dynamic_index_tokenizer_trains_and_sids_are_refreshed(project, packing):
-    before = load_tensors("data/tokenizer/item.safetensors")
+    before = load_tensors("data/quantizer/item.safetensors")
     out = finetune.run(_dynamic_params(**{"lora.dropout": 0.0, "train.packing": packing}))
-    after = {k[len("item."):]: v for k, v in load_tensors("data/model/tokenizers.safetensors").items()
+    after = {k[len("item."):]: v for k, v in load_tensors("data/model/quantizers.safetensors").items()
              if k.startswith("item.")}
     assert not torch.equal(before["codebooks"], after["codebooks"])  # the RQ-VAE kept training
     assert [c["step"] for c in out["churn"]] == [4] and {"churn_item", "churn_user"} <= set(out["churn"][0])
@@ -324,7 +325,7 @@ def test_ddp_two_processes(project, packing):
 def test_non_finite_gradient_skips_the_update_and_is_logged(project, monkeypatch, capsys):
     """One NaN loss (hence NaN gradients) must not reach the weights through the clipping:
     the update is skipped, listed in metrics, and training goes on with finite weights."""
-    real = finetune.response_loss
+    real = ttds_model.response_loss
     calls = {"n": 0}
 
     def nan_on_third_step(*args, **kwargs):
@@ -332,7 +333,7 @@ def test_non_finite_gradient_skips_the_update_and_is_logged(project, monkeypatch
         calls["n"] += 1
         return (loss * float("nan"), correct) if calls["n"] == 3 else (loss, correct)
 
-    monkeypatch.setattr(finetune, "response_loss", nan_on_third_step)
+    monkeypatch.setattr(ttds_model, "response_loss", nan_on_third_step)
     out = finetune.run(_dynamic_params(**{"train.val_users": 0, "train.max_steps": 5}))
     metrics = json.loads(Path("metrics/finetune.json").read_text())
     assert metrics["skipped_steps"] == [3] and metrics["steps"] == 5
@@ -401,7 +402,7 @@ def test_refresh_schedule_counts_training_rows():
     assert due == [100, 200, 300, 400]
     due = [s for s in range(1, 11) if finetune.refresh_due(s, 256, 800)]
     assert due == [4, 7, 10]  # 1024, 1792, 2560 rows: each crosses the next multiple of 800
-    with pytest.raises(finetune.TTDSError, match="'index.refresh_every' .* is now 'index.refresh_samples'"):
+    with pytest.raises(finetune.TTDSError, match="'index.refresh_every' is no longer read: replaced by 'index.refresh_samples'"):
         finetune.TrainConfig.from_params(toy_params(**{"index.refresh_every": 100}))
 
 
@@ -411,8 +412,8 @@ def test_lora_fp32_adapters_sets_the_adapter_dtype(project, fp32):
     `lora.fp32_adapters: false`, bf16 like the backbone (no casts in every adapted layer)."""
     params = toy_params(**{"model.dtype": "bfloat16", "lora.fp32_adapters": fp32})
     cfg = finetune.TrainConfig.from_params(params)
-    _, _, _, texts, x, tables = finetune.load_inputs(params, Path("data"), cfg.towers)
-    quantizers = finetune.load_tokenizers(Path("data"), cfg.towers, x, cfg, 2, 4)
-    lm, _, _ = finetune.build_model(params, cfg, finetune.IndexState(tables=tables, x=x), texts, quantizers,
-                                    Path("data/backbone"), "cpu")
+    _, _, _, texts, x, tables = ttds_model.load_inputs(params, Path("data"), cfg.towers)
+    quantizers = ttds_model.load_quantizers(Path("data"), cfg.towers, x, cfg, 2, 4)
+    lm, _, _ = ttds_model.build_model(params, cfg, ttds_model.IndexState(tables=tables, x=x), texts, quantizers,
+                                      Path("data/backbone"), "cpu")
     assert {p.dtype for n, p in lm.named_parameters() if "lora_" in n} == {torch.float32 if fp32 else torch.bfloat16}

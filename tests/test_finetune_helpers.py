@@ -56,7 +56,7 @@ def build_toy_project(root: Path, kind: str = "rq", seed: int = 0, hidden: int =
     """Write data/{backbone,processed,embeddings,tokenizer,sids} under `root`."""
     from conftest import make_tiny_llama, make_tokenizer
 
-    from ttds_core.embed import embed_texts
+    from ttds_core.embedding import embed_texts
     from ttds_core.quantize import build_quantizer, save_quantizer
     from ttds_core.sids import resolve_collisions, sid_table
 
@@ -99,7 +99,7 @@ def build_toy_project(root: Path, kind: str = "rq", seed: int = 0, hidden: int =
             q.fit_normalisation(torch.as_tensor(x))
         if hasattr(q, "init_kmeans"):
             q.init_kmeans(torch.as_tensor(x), sample=len(x), iters=10, seed=seed)
-        save_quantizer(data / "tokenizer" / f"{tower}.safetensors", q)
+        save_quantizer(data / "quantizer" / f"{tower}.safetensors", q)
         codes = q.codes(torch.as_tensor(x), ids=np.arange(len(x))).numpy()
         write_parquet(data / "sids" / f"{name}.parquet",
                       sid_table(np.arange(len(x)), codes, resolve_collisions(codes), tower))

@@ -14,13 +14,13 @@ import pandas as pd
 import pytest
 
 from test_preprocess import core_seqs, make_params, write_cascade, write_lcrec
-from ttds_core import inputs, preprocess
+from ttds_core import data_source, inputs, preprocess
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def fingerprint(params: dict) -> dict:
-    return inputs.fingerprint(preprocess.DataConfig.from_params(params))
+    return inputs.fingerprint(data_source.DataConfig.from_params(params))
 
 
 def lcrec_root(tmp_path: Path) -> Path:
@@ -36,9 +36,9 @@ def test_every_file_a_reader_reads_is_fingerprinted(tmp_path):
     for params in (make_params(root=str(lcrec_root(tmp_path))),
                    make_params(format="amazon2018", root=str(cascade), name="Cat"),
                    make_params(format="generic", interactions_file=str(inter), items_file=str(items))):
-        cfg = preprocess.DataConfig.from_params(params)
+        cfg = data_source.DataConfig.from_params(params)
         read = {Path(f) for f in preprocess.read_raw(cfg).files}
-        assert read and read <= set(preprocess.input_files(cfg)), params["data"]["format"]
+        assert read and read <= set(data_source.input_files(cfg)), params["data"]["format"]
         assert all(md5 for name, md5 in inputs.fingerprint(cfg)["files"].items()
                    if any(str(f).endswith(name) for f in read))
 
@@ -64,7 +64,7 @@ def test_edits_outside_the_root_and_new_fallbacks_change_the_fingerprint(tmp_pat
 def test_relative_files_resolve_inside_the_root(tmp_path):
     root = lcrec_root(tmp_path)
     (root / "text.json").write_text(json.dumps({f"A{i:03d}": {"title": f"Own {i}"} for i in range(5)}))
-    cfg = preprocess.DataConfig.from_params(make_params(root=str(root), item_text_file="text.json"))
+    cfg = data_source.DataConfig.from_params(make_params(root=str(root), item_text_file="text.json"))
     assert cfg.item_text_file == root / "text.json"
     assert preprocess.read_raw(cfg).item_text["title"].tolist()[0] == "Own 0"
 
@@ -74,7 +74,7 @@ def test_a_relative_file_not_in_the_root_is_relative_to_the_repository(tmp_path,
     (tmp_path / "texts").mkdir()
     (tmp_path / "texts" / "own.json").write_text("{}")
     monkeypatch.chdir(tmp_path)
-    cfg = preprocess.DataConfig.from_params(make_params(root=str(root), item_text_file="texts/own.json"))
+    cfg = data_source.DataConfig.from_params(make_params(root=str(root), item_text_file="texts/own.json"))
     assert cfg.item_text_file == Path("texts/own.json")
 
 
@@ -84,7 +84,7 @@ def test_dvc_temporary_copies_find_the_workspace_data(tmp_path, monkeypatch):
     copy = tmp_path / "repo" / ".dvc" / "tmp" / "exps" / "tmpabc"  # where dvc exp run --temp runs
     copy.mkdir(parents=True)
     monkeypatch.chdir(copy)
-    cfg = preprocess.DataConfig.from_params(make_params(root="../shared/lc"))
+    cfg = data_source.DataConfig.from_params(make_params(root="../shared/lc"))
     assert cfg.root.resolve() == data.resolve()
     assert preprocess.read_raw(cfg).inter.shape[0] == 30
     # the fingerprint names the files as the workspace run does, so preprocess is not re-run

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from ttds_core import finetune, packing
+from ttds_core import batches, packing
 from ttds_core.errors import TTDSError
+from ttds_core.model import TTDSModule
 
 from test_dynamic import _extended
 
@@ -69,7 +70,7 @@ def test_packed_step_equals_the_padded_step(tiny_lm, softmax):
     lm.eval()  # no dropout: the two layouts must compute the same function
     cfg = SimpleNamespace(sid_softmax=softmax, alpha=0.1, beta=0.25, max_response_tokens=6, seed=0,
                           towers=["item", "user"], dmvae_batch=3)
-    module = finetune.TTDSModule(lm, sid, cfg, tok.eos_token_id)
+    module = TTDSModule(lm, sid, cfg, tok.eos_token_id)
     pairs = _pairs(tok, ids)
     rng = np.random.default_rng(0)
     strings = {"item": ["".join(tok.convert_ids_to_tokens([ids[a], ids[4 + b]])) for a, b in [(0, 1), (2, 3), (1, 0)]],
@@ -81,14 +82,14 @@ def test_packed_step_equals_the_padded_step(tiny_lm, softmax):
         losses["total"].backward()
         return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
 
-    padded_batch = finetune.collate(pairs, tok, cfg.max_response_tokens, sid.first_id)
+    padded_batch = batches.collate(pairs, tok, cfg.max_response_tokens, sid.first_id)
     padded_dm = {}
     from ttds_core import dynamic
     for t, (s, x) in dm.items():
         padded_dm[t] = (*dynamic.encode_sids(tok, s, "cpu"), torch.as_tensor(x))
     padded = module(**padded_batch, dm=padded_dm)
     g_padded = grads(padded)
-    batch, dm_x = finetune.packed_batch(pairs, dm, tok, cfg, sid)
+    batch, dm_x = batches.packed_batch(pairs, dm, tok, cfg, sid)
     assert batch.input_ids.numel() < padded_batch["input_ids"].numel() + sum(
         v[0].numel() for v in padded_dm.values())  # less padding than the three padded batches
     packed = module(packed=batch, dm_x=dm_x)

@@ -1,4 +1,4 @@
-"""RQ-VAE (eq. 10-11, 13), k-means init, dead codes, LSH and random tokenizers, checkpoints."""
+"""RQ-VAE (eq. 10-11, 13), k-means init, dead codes, LSH and random quantizers, the registry, checkpoints."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from ttds_core.errors import TTDSError
-from ttds_core.quantize import (LSHQuantizer, RandomQuantizer, RQVAE, build_quantizer, default_widths,
-                                load_quantizer, save_quantizer)
+from ttds_core.quantize import (QUANTIZERS, LSHQuantizer, Quantizer, RandomQuantizer, RQVAE, build_quantizer,
+                                default_widths, load_quantizer, save_quantizer)
 from ttds_core.warmup import train_rqvae
 
 
@@ -144,3 +144,38 @@ def test_checkpoint_round_trip_and_dim_check(tmp_path, kind):
     if kind != "random":
         with pytest.raises(TTDSError, match="input dim 32"):
             q2.codes(np.zeros((2, 64), dtype=np.float32))
+
+
+class _ModQuantizer(Quantizer):
+    """A new index kind for the registry test: code[e, m] = (e + m) mod N."""
+
+    kind = "mod"
+
+    def __init__(self, in_dim: int, length: int, codebook_size: int):
+        super().__init__()
+        self.in_dim, self.length, self.codebook_size = in_dim, length, codebook_size
+
+    def codes(self, x=None, ids=None):
+        return (torch.as_tensor(ids)[:, None] + torch.arange(self.length)) % self.codebook_size
+
+    @classmethod
+    def from_config(cls, cfg):
+        return cls(int(cfg["in_dim"]), int(cfg["length"]), int(cfg["codebook_size"]))
+
+
+def test_a_new_quantizer_is_one_class_and_one_registry_line(tmp_path, monkeypatch):
+    """What the pipeline asks of a kind is the `Quantizer` interface: a subclass registered in
+    QUANTIZERS is saved and loaded like the shipped ones, and the fine-tuning side (tied rows,
+    L_Token, refresh) takes its "nothing of that kind" defaults."""
+    from ttds_core import dynamic
+
+    monkeypatch.setitem(QUANTIZERS, "mod", _ModQuantizer)
+    save_quantizer(tmp_path / "q.safetensors", build_quantizer({"kind": "mod", "in_dim": 8, "length": 3,
+                                                                 "codebook_size": 4}))
+    q, cfg = load_quantizer(tmp_path / "q.safetensors", in_dim=8)
+    assert isinstance(q, _ModQuantizer) and cfg == {"kind": "mod", "in_dim": 8, "length": 3, "codebook_size": 4}
+    x = np.zeros((5, 8), dtype=np.float32)
+    assert dynamic.quantize_codes(q, x).tolist() == [[0, 1, 2], [1, 2, 3], [2, 3, 0], [3, 0, 1], [0, 1, 2]]
+    assert dynamic.codebook_matrix(q, 3) is None  # no code vectors: SID rows stay free
+    assert float(dynamic.dmvae_terms(torch.zeros(2, 8), q, torch.ones(2, 8))["token"]) == 0.0
+    assert q.sticky_codes(x, None, 0.2) is None and not q.learns  # a refresh re-derives with `codes`

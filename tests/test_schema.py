@@ -43,6 +43,7 @@ def test_the_shipped_params_are_valid_and_the_schema_lists_exactly_their_keys():
     ("baselines.sasrec.threads", 2, "overrides only"),
     ("baselines.sasrek", {"hidden": 32}, "model sections are"),
     ("index.refresh_every", 100, "'index.refresh_every' is no longer read"),
+    ("train.tokenizer_lr", 1e-4, "renamed 'train.quantizer_lr'"),
     ("index.refresh_margin", 1.5, "'index.refresh_margin' = 1.5, expected below 1"),
     ("index.refresh_margin", -0.1, "'index.refresh_margin' = -0.1, expected at least 0"),
     ("index.length", 16, "'index.length' = 16, expected at most 15"),
@@ -142,12 +143,12 @@ def test_every_key_the_code_reads_is_in_the_schema():
 
 
 def test_the_schema_names_agree_with_the_modules():
-    from ttds_core import backbone, baselines, finetune, preprocess, prompts, quantize, ranker, tasks, tokens
+    from ttds_core import backbone, baselines, data_source, prompts, quantize, ranker, tasks, tokens, train_config
 
-    assert schema.FORMATS == preprocess.FORMATS and schema.SAMPLERS == preprocess.SAMPLERS
+    assert schema.FORMATS == data_source.FORMATS and schema.SAMPLERS == data_source.SAMPLERS
     assert schema.INDEX_KINDS == quantize.KINDS and schema.TASKS == tasks.TASKS
     assert schema.SEQREC_FORMATS == prompts.SEQREC_FORMATS and schema.SCORINGS == ranker.SCORINGS
-    assert schema.SID_SOFTMAX == finetune.SID_SOFTMAX
+    assert schema.SID_SOFTMAX == train_config.SID_SOFTMAX
     assert schema.DTYPES == ("auto", *backbone.DTYPES)
     assert schema.MAX_INDEX_LENGTH == len(tokens._LETTERS)
     assert schema.BASELINE_MODELS == tuple(baselines.MODELS)

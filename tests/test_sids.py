@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ttds_core import sids, warmup
+from ttds_core import build_sids, sids, warmup
 from ttds_core.errors import TTDSError
 from ttds_core.io import write_npy
 
@@ -76,9 +76,9 @@ def _embeddings(tmp_path, n_items=240, n_users=90, d=32):
 def _pipeline(tmp_path, params, tag="run"):
     emb = tmp_path / "embeddings"
     out = tmp_path / tag
-    warmup.run(params, embeddings_dir=emb, out_dir=out / "tokenizer", metrics_path=out / "warmup.json",
+    warmup.run(params, embeddings_dir=emb, out_dir=out / "quantizer", metrics_path=out / "warmup.json",
                live_dir=str(out / "live"))
-    sids.run(params, embeddings_dir=emb, tokenizer_dir=out / "tokenizer", out_dir=out / "sids",
+    build_sids.run(params, embeddings_dir=emb, quantizer_dir=out / "quantizer", out_dir=out / "sids",
              metrics_path=out / "sids.json")
     return out
 
@@ -95,7 +95,7 @@ def test_warmup_and_build_sids_end_to_end(tmp_path, kind, length):
         assert all(len(c) == length for c in table["codes"])
         assert metrics[tower]["length"] == length and len(metrics[tower]["usage"]) == length
         assert 0 <= metrics[tower]["collision_rate"] <= 1
-    config = json.loads((out / "tokenizer" / "config.json").read_text())
+    config = json.loads((out / "quantizer" / "config.json").read_text())
     assert config["item"]["kind"] == kind and config["user"]["in_dim"] == 32
     wm = json.loads((out / "warmup.json").read_text())
     assert wm["kind"] == kind
@@ -119,12 +119,12 @@ def test_stale_tokenizer_and_wrong_dimension_are_errors(tmp_path):
     _embeddings(tmp_path)
     out = _pipeline(tmp_path, _params("rq", 3, user=False))
     with pytest.raises(TTDSError, match="index.length=3.*rerun the warmup"):
-        sids.run(_params("rq", 4, user=False), embeddings_dir=tmp_path / "embeddings",
-                 tokenizer_dir=out / "tokenizer", out_dir=out / "sids2", metrics_path=out / "s.json")
+        build_sids.run(_params("rq", 4, user=False), embeddings_dir=tmp_path / "embeddings",
+                 quantizer_dir=out / "quantizer", out_dir=out / "sids2", metrics_path=out / "s.json")
     _embeddings(tmp_path, d=48)
     with pytest.raises(TTDSError, match="item.safetensors.*32-dim.*dim 48"):
-        sids.run(_params("rq", 3, user=False), embeddings_dir=tmp_path / "embeddings",
-                 tokenizer_dir=out / "tokenizer", out_dir=out / "sids2", metrics_path=out / "s.json")
+        build_sids.run(_params("rq", 3, user=False), embeddings_dir=tmp_path / "embeddings",
+                 quantizer_dir=out / "quantizer", out_dir=out / "sids2", metrics_path=out / "s.json")
 
 
 def test_lsh_needs_a_power_of_two(tmp_path):

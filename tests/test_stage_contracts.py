@@ -108,8 +108,8 @@ def params_paths(params: dict, prefix: str = "") -> set[str]:
 # possible keys are spelled out as strings (which the check does see). A new one fails the
 # test until it is listed here with that reason.
 DYNAMIC_KEYS = {
-    ("ttds_core/preprocess.py", "key"): "DataConfig.from_params: path(key) is called with literal data.* keys",
-    ("ttds_core/sids.py", "key"): "_check_config loops over a tuple of literal index.* keys",
+    ("ttds_core/data_source.py", "key"): "DataConfig.from_params: path(key) is called with literal data.* keys",
+    ("ttds_core/build_sids.py", "key"): "_check_config loops over a tuple of literal index.* keys",
 }
 
 
@@ -172,6 +172,16 @@ def missing(stage_name: str, stage: dict, known: set[str]) -> tuple[list[str], l
 
 
 @pytest.mark.parametrize("stage_name", sorted(STAGES))
+def test_stage_declares_no_module_it_does_not_import(stage_name):
+    """The other direction: a module in `deps` that the stage never imports makes every edit
+    of it re-run the stage for nothing (and invites a `dvc commit` to paper over it)."""
+    modules = closure(STAGES[stage_name].split(":")[0])
+    extra = sorted(d for d in stages()[stage_name].get("deps", [])
+                   if d.startswith("ttds_core/") and d.endswith(".py") and ROOT / d not in modules)
+    assert not extra, f"dvc.yaml stage '{stage_name}': remove from deps {extra} (not imported)"
+
+
+@pytest.mark.parametrize("stage_name", sorted(STAGES))
 def test_stage_declares_its_code_and_params(stage_name):
     known = params_paths(yaml.safe_load((ROOT / "params.yaml").read_text()))
     stage = stages()[stage_name]
@@ -184,6 +194,23 @@ def test_every_params_key_the_code_reads_is_visible_to_the_check():
     modules = set().union(*(closure(target.split(":")[0]) for target in STAGES.values()))
     found = {k for p in sorted(modules) for k in unresolved_keys(p)}
     assert found <= set(DYNAMIC_KEYS), f"get(params, <expression>) the contract check cannot read: {sorted(found - set(DYNAMIC_KEYS))}"
+
+
+def test_no_module_imports_a_stage_module():
+    """A stage's module holds its flow; code another stage needs lives in a library module
+    (`embedding`, `sids`, `data_source`, `backbone`, `ranker`...). Otherwise editing one
+    stage's flow re-runs the stages that import it, and the flows tangle. Only the `ttds`
+    command (`cli`) dispatches to them."""
+    stage_files = {module_path(target.split(":")[0]) for target in STAGES.values()}
+    offenders = []
+    for path in sorted((ROOT / PACKAGE).rglob("*.py")):
+        if path.name == "cli.py":
+            continue
+        for imported in imports_of(path) & stage_files:
+            own_package = imported.name == "__init__.py" and imported.parent in path.parents
+            if imported != path and not own_package:  # baselines/loop.py may import baselines/
+                offenders.append(f"{path.relative_to(ROOT)} imports {imported.relative_to(ROOT)}")
+    assert not offenders, offenders
 
 
 def test_every_stage_has_an_entry_point():

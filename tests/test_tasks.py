@@ -12,7 +12,7 @@ import pytest
 from ttds_core import tasks, variants
 from ttds_core.config import load_params
 from ttds_core.errors import TTDSError
-from ttds_core.finetune import TrainConfig
+from ttds_core.train_config import TrainConfig
 
 from test_finetune_helpers import REPO
 

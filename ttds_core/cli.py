@@ -19,12 +19,12 @@ from .errors import TTDSError
 
 # stage name -> "module:function" taking the params dict
 STAGES = {
-    "backbone": "ttds_core.backbone:run",
+    "backbone": "ttds_core.backbone_export:run",
     "inputs": "ttds_core.inputs:run",
     "preprocess": "ttds_core.preprocess:run",
     "embed": "ttds_core.embed:run",
     "warmup": "ttds_core.warmup:run",
-    "build_sids": "ttds_core.sids:run",
+    "build_sids": "ttds_core.build_sids:run",
     "finetune": "ttds_core.finetune:run",
     "evaluate": "ttds_core.evaluate:run",
     "precompute": "ttds_core.serve:run_precompute",

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from .errors import TTDSError
-from .schema import validate
+from .schema import is_kind, type_name, validate
 
 _MISSING = object()
 
@@ -34,19 +34,12 @@ def load_params(path: str | Path = "params.yaml") -> dict:
     return params
 
 
-def _type_name(kind) -> str:
-    if isinstance(kind, tuple):
-        return " or ".join(_type_name(k) for k in kind)
-    return {int: "an integer", float: "a number", str: "a string", bool: "true/false",
-            list: "a list", dict: "a mapping", type(None): "null"}.get(kind, kind.__name__)
-
-
 def get(params: dict, key: str, kind=None, default: Any = _MISSING, *, choices=None,
         min_value=None, allow_none: bool = False):
     """Return the dotted `key` of `params`, checked against `kind`/`choices`/`min_value`.
 
-    YAML reads `5e-4` as a string; a string that parses as a float is accepted for
-    `float` so users are not punished for it.
+    The type rule is the schema's (`schema.is_kind`): true/false is not a number, and a
+    string that parses as a float (YAML reads `5e-4` as one) is a number.
     """
     node: Any = params
     for part in key.split("."):
@@ -59,22 +52,15 @@ def get(params: dict, key: str, kind=None, default: Any = _MISSING, *, choices=N
     if value is None:
         if allow_none or default is None:
             return None
-        raise TTDSError(f"params: '{key}' is null, expected {_type_name(kind) if kind else 'a value'}")
-    if kind is float and isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            pass
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
+        raise TTDSError(f"params: '{key}' is null, expected {type_name(kind) if kind else 'a value'}")
     if kind is not None:
-        ok = isinstance(value, kind)
-        # bool is an int subclass: `index.length: true` must not pass as 1.
-        if ok and isinstance(value, bool) and kind is not bool and not (
-                isinstance(kind, tuple) and bool in kind):
-            ok = False
-        if not ok:
-            raise TTDSError(f"params: '{key}' = {value!r}, expected {_type_name(kind)}")
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if float in kinds and isinstance(value, str) and is_kind(value, float):
+            value = float(value)  # '5e-4': YAML reads it as a string
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not is_kind(value, kind):
+            raise TTDSError(f"params: '{key}' = {value!r}, expected {type_name(kind)}")
     if choices is not None and value not in choices:
         raise TTDSError(f"params: '{key}' = {value!r}, expected one of {', '.join(map(str, choices))}")
     if min_value is not None and value < min_value:

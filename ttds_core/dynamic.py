@@ -4,7 +4,7 @@ SID rows. The SID tokens are appended to the vocabulary (`vocab.extend_vocabular
 their rows live in `SidVocab`, outside the frozen backbone matrix: `SidEmbedding` and
 `SidHead` wrap the backbone's input embedding and LM head and substitute those rows, so
 only they (plus LoRA) train. peft's `trainable_token_indices` trains new rows too, but it
-cannot make a row a *function* of the tokenizer's codebooks, which `index.tie_embeddings`
+cannot make a row a *function* of the quantizer's codebooks, which `index.tie_embeddings`
 needs: with it, the row of code token (level m, code c) is
 
     row = free_row + P(codebook_m[c])          (P: Linear code_dim -> d, one per tower)
@@ -17,11 +17,11 @@ checkpoints such as SmolLM2 do); otherwise the head has its own free rows.
 
 DM-VAE. L_ID = ||X^S - X^I||^2 averaged over the d dimensions (so `loss.alpha` does not
 depend on the backbone width), X^S = mean-pooled LLM states of the SID tokens alone,
-X^I = the cached text representation (detached). L_Token = the tokenizer's residual
+X^I = the cached text representation (detached). L_Token = the quantizer's residual
 quantisation loss (eq. 13) on X^I.
 
 Refresh. Every `index.refresh_samples` training rows (dynamic index only) all item / user texts are
-re-embedded by the *current* LLM (LoRA active), re-quantised by the current tokenizers,
+re-embedded by the *current* LLM (LoRA active), re-quantised by the current quantizers,
 collisions re-resolved; churn (share of entities whose SID changed) is reported.
 """
 
@@ -73,8 +73,6 @@ def make_layouts(towers: list[str], length: int, codebook_size: int, max_suffix:
 
 def codebook_matrix(quantizer, length: int) -> torch.Tensor | None:
     """All codebooks stacked level-major [M*N, code_dim] (None for LSH / random codes)."""
-    if not hasattr(quantizer, "codebook"):
-        return None
     books = [quantizer.codebook(m) for m in range(length)]
     if any(b is None for b in books):
         return None
@@ -82,24 +80,24 @@ def codebook_matrix(quantizer, length: int) -> torch.Tensor | None:
 
 
 class SidVocab(nn.Module):
-    """The trainable rows of the SID tokens (and the tokenizers when they are tied in)."""
+    """The trainable rows of the SID tokens (and the quantizers when they are tied in)."""
 
     def __init__(self, first_id: int, layouts: list[TowerLayout], dim: int, tied_head: bool,
-                 tokenizers: dict[str, nn.Module] | None = None, tie_codebooks: bool = False):
+                 quantizers: dict[str, nn.Module] | None = None, tie_codebooks: bool = False):
         super().__init__()
         self.first_id = first_id
         self.layouts = layouts
         self.n_rows = sum(lay.n_rows for lay in layouts)
         self.rows = nn.Parameter(torch.zeros(self.n_rows, dim))
         self.out_rows = None if tied_head else nn.Parameter(torch.zeros(self.n_rows, dim))
-        self.tokenizers = nn.ModuleDict(tokenizers or {})
+        self.quantizers = nn.ModuleDict(quantizers or {})
         self.proj = nn.ModuleDict()
         if tie_codebooks:
             for lay in layouts:
-                q = self.tokenizers[lay.tower] if lay.tower in self.tokenizers else None
+                q = self.quantizers[lay.tower] if lay.tower in self.quantizers else None
                 book = codebook_matrix(q, lay.length) if q is not None else None
                 if book is None:
-                    log.warning("index.tie_embeddings: the %s tokenizer has no codebooks (LSH/random); "
+                    log.warning("index.tie_embeddings: the %s quantizer has no codebooks (LSH/random); "
                                 "its SID rows stay free", lay.tower)
                     continue
                 proj = nn.Linear(book.shape[1], dim, bias=False)
@@ -124,7 +122,7 @@ class SidVocab(nn.Module):
         for lay in self.layouts:
             rows = self.rows[lay.offset:lay.offset + lay.n_rows]
             if lay.tower in self.proj:
-                book = codebook_matrix(self.tokenizers[lay.tower], lay.length)
+                book = codebook_matrix(self.quantizers[lay.tower], lay.length)
                 tied = self.proj[lay.tower](book.to(rows.dtype))
                 rows = torch.cat([rows[:lay.n_codes] + tied, rows[lay.n_codes:]], dim=0)
             parts.append(rows)
@@ -306,10 +304,10 @@ def dmvae_losses(decoder, quantizer, sid_ids: torch.Tensor, sid_mask: torch.Tens
                  x_text: torch.Tensor) -> dict[str, torch.Tensor]:
     """L_ID (SID level, eq. 12) and L_Token (token level, eq. 13) for one tower's batch.
 
-    The tokenizer learns from L_Token only when its parameters are trainable (dynamic
+    The quantizer learns from L_Token only when its parameters are trainable (dynamic
     RQ index); LSH / random codes have no quantisation loss (0).
     """
-    from .embed import mean_pool
+    from .embedding import mean_pool
 
     return dmvae_terms(mean_pool(decoder, sid_ids, sid_mask), quantizer, x_text)
 
@@ -319,9 +317,8 @@ def dmvae_terms(x_sid: torch.Tensor, quantizer, x_text: torch.Tensor) -> dict[st
     x_sid = x_sid.float()
     x_text = x_text.float().detach()
     l_id = (x_sid - x_text).pow(2).mean()
-    if quantizer is not None and hasattr(quantizer, "rq_loss"):
-        l_token = quantizer.rq_loss(x_text)
-    else:
+    l_token = quantizer.rq_loss(x_text) if quantizer is not None else None
+    if l_token is None:  # a kind that learns nothing (LSH, random)
         l_token = torch.zeros((), device=x_text.device)
     return {"id": l_id, "token": l_token}
 
@@ -352,7 +349,7 @@ def refresh_tower(model, tokenizer, quantizer, texts: list[str], old: pd.DataFra
     cannot be written with the reserved tokens: the old table is kept (with a warning)
     and churn is 0 for that refresh.
     """
-    from .embed import embed_texts
+    from .embedding import embed_texts
     from .sids import churn
 
     was_training = model.training
@@ -361,21 +358,20 @@ def refresh_tower(model, tokenizer, quantizer, texts: list[str], old: pd.DataFra
     if was_training:
         model.train()
     # LoRA shifts the mean and scale of the pooled states as a whole; re-standardising
-    # keeps the tokenizer at the operating point it was trained at, so codes move only
+    # keeps the quantizer at the operating point it was trained at, so codes move only
     # where the relative geometry of the entities moved (a fixed warm-up normalisation
     # flipped most codes at the first refresh).
-    if hasattr(quantizer, "fit_normalisation"):
-        quantizer.fit_normalisation(x)
+    quantizer.fit_normalisation(x)
     key = old.columns[0]
     previous = table_codes(old, key)
-    if margin > 0 and hasattr(quantizer, "sticky_codes"):
+    codes = None
+    if margin > 0:
         was = quantizer.training
         quantizer.eval()
-        dev = next(iter(quantizer.buffers())).device
-        codes = quantizer.sticky_codes(torch.as_tensor(x, device=dev), previous, margin).cpu().numpy()
+        dev = next(iter(quantizer.buffers()), torch.zeros(())).device
+        codes = quantizer.sticky_codes(torch.as_tensor(x, device=dev), previous, margin)
         quantizer.train(was)
-    else:
-        codes = quantize_codes(quantizer, x)
+    codes = quantize_codes(quantizer, x) if codes is None else codes.cpu().numpy()  # None: no hysteresis
     table = make_table(lay.tower, old[key].sort_values().to_numpy(), codes)
     if int(table["suffix"].max()) >= lay.max_suffix:
         log.warning("refresh: %s collision set of %d exceeds index.max_suffix=%d; SIDs kept",

@@ -5,7 +5,7 @@ Default: one after the other in the workspace (`dvc exp run --name … -S …`),
 lock, metrics and outputs restored at the end (`git checkout`, `dvc checkout`). `--queue`
 queues them instead (`dvc exp run --queue`, then `--run-all`): queued runs live in a copy
 of the repository under `.dvc/tmp/exps` (a relative `data.root` is resolved against the
-repository the copy came from: `preprocess.workspace_path`) and start from the last commit
+repository the copy came from: `data_source.workspace_path`) and start from the last commit
 plus changes to tracked files.
 Compare with `dvc exp show` / `dvc metrics diff`, render with `ttds report`.
 """

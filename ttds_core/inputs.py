@@ -5,7 +5,7 @@ DVC tracks the paths written in dvc.yaml, but the input files are named by param
 `data.items_file`): a file outside the repository, or a null `data.root`, cannot be a
 `deps` entry, and an edited file would leave `preprocess` stale. DVC runs this stage on
 every `dvc repro` (`always_changed`); it hashes every file the reader of `data.format` reads
-or falls back to (`preprocess.input_files`) into `data/inputs.json`, which `preprocess`
+or falls back to (`data_source.input_files`) into `data/inputs.json`, which `preprocess`
 depends on. So `preprocess` re-runs exactly when one of those files changes, appears or
 disappears, and never otherwise. Hashing the Games files takes well under a second.
 """
@@ -16,7 +16,7 @@ import hashlib
 from pathlib import Path
 
 from .io import write_json
-from .preprocess import DataConfig, check_root, dvc_workspace, input_files
+from .data_source import DataConfig, check_root, dvc_workspace, input_files
 
 
 def file_md5(path: Path) -> str | None:

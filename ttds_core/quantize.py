@@ -1,13 +1,14 @@
-"""Semantic-ID tokenizers: X (an LLM embedding) -> M discrete codes, one per level.
+"""Semantic-ID quantizers: X (an LLM embedding) -> M discrete codes, one per level.
 
-Three kinds share one interface (`length`, `codebook_size`, `codes(x, ids=None)`):
+Three kinds implement one interface, `Quantizer`, and are registered by their `kind` in
+`QUANTIZERS` (`index.kind` picks one; adding a kind = one subclass + one registry line):
 - `RQVAE` (paper §4.2.2, eq. 10-11): MLP encoder -> residual quantizer with M codebooks
   of N vectors -> mirror MLP decoder reconstructing X. Trainable (warmup, and again
   during dynamic fine-tuning through `rq_loss`).
 - `LSHQuantizer`: random-hyperplane LSH, log2(N) sign bits per level (TT-DLSH/TT-SLSH).
 - `RandomQuantizer`: random codes keyed by entity id (TT-SR).
 
-Inputs are standardised per dimension inside each tokenizer (the `input_mean` /
+Inputs are standardised per dimension inside each quantizer (the `input_mean` /
 `input_scale` buffers, fitted on the warmup embeddings and saved with the weights):
 mean-pooled LLM states carry a few dimensions with very large values that would
 otherwise dominate every distance. Fine-tuning gets the same normalisation for free
@@ -26,9 +27,6 @@ from torch import nn
 
 from .errors import TTDSError
 from .io import save_tensors
-
-KINDS = ("rq", "lsh", "random")
-
 
 def check_index_shape(length: int, codebook_size: int) -> None:
     if length < 1:
@@ -67,10 +65,52 @@ def _as_tensor(x, like: torch.Tensor) -> torch.Tensor:
 
 def _check_dim(x: torch.Tensor, in_dim: int) -> None:
     if x.ndim != 2 or x.shape[1] != in_dim:
-        raise TTDSError(f"embeddings of shape {tuple(x.shape)} do not match the tokenizer's input dim {in_dim}")
+        raise TTDSError(f"embeddings of shape {tuple(x.shape)} do not match the quantizer's input dim {in_dim}")
 
 
-class _Standardise(nn.Module):
+class Quantizer(nn.Module):
+    """What the pipeline needs of an index kind: `warmup` builds (and, when it `learns`, trains)
+    one per tower, `build_sids` reads its `codes`, fine-tuning ties the SID rows to its
+    `codebook`s, adds its `rq_loss` (L_Token) and, at a refresh, re-fits its normalisation and
+    re-derives codes with hysteresis (`sticky_codes`). The defaults are "nothing of that kind":
+    no codebook vectors, no loss, no normalisation, no hysteresis."""
+
+    kind: str = ""
+    learns = False     # trained by warmup and, with a dynamic index, during fine-tuning
+    in_dim: int
+    length: int
+    codebook_size: int
+
+    def codes(self, x, ids=None) -> torch.Tensor:
+        """LongTensor [B, M] of code indices of the rows of `x` (`ids`: the entities' ids)."""
+        raise NotImplementedError
+
+    def sticky_codes(self, x, previous, margin: float) -> torch.Tensor | None:
+        """Codes that keep `previous` unless the new ones win by `margin`; None: no
+        hysteresis for this kind (the refresh takes `codes`)."""
+        return None
+
+    def codebook(self, m: int) -> torch.Tensor | None:
+        """Level m's code vectors [N, code_dim], or None when codes are not vectors."""
+        return None
+
+    def rq_loss(self, x) -> torch.Tensor | None:
+        """The quantizer's own objective on `x` (L_Token), or None when it learns nothing."""
+        return None
+
+    def fit_normalisation(self, x, scale: bool = True) -> None:
+        """Re-fit the input normalisation on `x` (a refresh does, on the re-embedded X)."""
+
+    def config(self) -> dict:
+        """The JSON config that rebuilds it with `build_quantizer` (weights come separately)."""
+        return {"kind": self.kind, "in_dim": self.in_dim, "length": self.length, "codebook_size": self.codebook_size}
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "Quantizer":
+        raise NotImplementedError
+
+
+class _Standardise(Quantizer):
     """Per-dimension standardisation with stats stored as buffers (saved with the weights)."""
 
     def __init__(self, in_dim: int):
@@ -93,6 +133,7 @@ class RQVAE(_Standardise):
     """Residual-quantization VAE (paper eq. 10-11, 13)."""
 
     kind = "rq"
+    learns = True
 
     def __init__(self, in_dim: int, code_dim: int = 256, length: int = 4, codebook_size: int = 256,
                  widths: list[int] | None = None, beta: float = 0.25):
@@ -100,7 +141,7 @@ class RQVAE(_Standardise):
         check_index_shape(length, codebook_size)
         widths = list(widths) if widths else default_widths(in_dim, code_dim)
         if widths[0] != in_dim or widths[-1] != code_dim:
-            raise TTDSError(f"tokenizer widths {widths} must start at the input dim {in_dim} "
+            raise TTDSError(f"quantizer widths {widths} must start at the input dim {in_dim} "
                             f"and end at index.code_dim {code_dim}")
         self.in_dim, self.code_dim, self.length, self.codebook_size = in_dim, code_dim, length, codebook_size
         self.widths, self.beta = widths, beta
@@ -111,6 +152,15 @@ class RQVAE(_Standardise):
 
     def codebook(self, m: int) -> torch.Tensor:
         return self.codebooks[m]
+
+    def config(self) -> dict:
+        return {**super().config(), "code_dim": self.code_dim, "widths": self.widths, "beta": self.beta}
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "RQVAE":
+        return cls(int(cfg["in_dim"]), code_dim=int(cfg.get("code_dim", 256)), length=int(cfg["length"]),
+                   codebook_size=int(cfg["codebook_size"]), widths=cfg.get("widths"),
+                   beta=float(cfg.get("beta", 0.25)))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         _check_dim(x, self.in_dim)
@@ -158,7 +208,7 @@ class RQVAE(_Standardise):
 
     def rq_loss(self, x) -> torch.Tensor:
         """L_Token of eq. 13 (residual errors summed over levels) plus reconstruction:
-        the tokenizer's own objective, for fine-tuning to keep training it on new X."""
+        the quantizer's own objective, for fine-tuning to keep training it on new X."""
         return self.forward(x)["loss"]
 
     @torch.no_grad()
@@ -287,6 +337,11 @@ class LSHQuantizer(_Standardise):
         self.register_buffer("hyperplanes", torch.randn(length, bits, in_dim, generator=gen))
         self.register_buffer("weights", 2 ** torch.arange(bits))
 
+    @classmethod
+    def from_config(cls, cfg: dict) -> "LSHQuantizer":  # the hyperplanes are buffers: saved with it
+        return cls(int(cfg["in_dim"]), length=int(cfg["length"]), codebook_size=int(cfg["codebook_size"]),
+                   seed=int(cfg.get("seed", 0)))
+
     def _projections(self, x) -> torch.Tensor:
         x = _as_tensor(x, self.input_mean)
         _check_dim(x, self.in_dim)
@@ -323,7 +378,7 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
         return x ^ (x >> np.uint64(31))
 
 
-class RandomQuantizer(nn.Module):
+class RandomQuantizer(Quantizer):
     """Random codes keyed by entity id: code[e, m] = hash(seed, e, m) mod N.
 
     The codes ignore the embedding entirely (the TT-SR ablation), so `codes` needs the
@@ -336,6 +391,14 @@ class RandomQuantizer(nn.Module):
         super().__init__()
         check_index_shape(length, codebook_size)
         self.in_dim, self.length, self.codebook_size, self.seed = in_dim, length, codebook_size, seed
+
+    def config(self) -> dict:
+        return {**super().config(), "seed": self.seed}
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "RandomQuantizer":
+        return cls(int(cfg["in_dim"]), length=int(cfg["length"]), codebook_size=int(cfg["codebook_size"]),
+                   seed=int(cfg.get("seed", 0)))
 
     @torch.no_grad()
     def codes(self, x=None, ids=None) -> torch.Tensor:
@@ -351,29 +414,22 @@ class RandomQuantizer(nn.Module):
         return torch.as_tensor((h % np.uint64(self.codebook_size)).astype(np.int64))
 
 
-def build_quantizer(cfg: dict):
-    """A tokenizer from its config: kind, in_dim, length, codebook_size, code_dim, widths, beta, seed."""
+QUANTIZERS: dict[str, type[Quantizer]] = {"rq": RQVAE, "lsh": LSHQuantizer, "random": RandomQuantizer}
+KINDS = tuple(QUANTIZERS)
+
+
+def build_quantizer(cfg: dict) -> Quantizer:
+    """A quantizer from its config: kind, in_dim, length, codebook_size (+ the kind's own keys)."""
     kind = cfg.get("kind", "rq")
-    if kind not in KINDS:
+    if kind not in QUANTIZERS:
         raise TTDSError(f"params: 'index.kind' = {kind!r}, expected one of {', '.join(KINDS)}")
-    length, size, in_dim = int(cfg["length"]), int(cfg["codebook_size"]), int(cfg["in_dim"])
-    check_index_shape(length, size)
-    if kind == "rq":
-        return RQVAE(in_dim, code_dim=int(cfg.get("code_dim", 256)), length=length, codebook_size=size,
-                     widths=cfg.get("widths"), beta=float(cfg.get("beta", 0.25)))
-    cls = LSHQuantizer if kind == "lsh" else RandomQuantizer
-    return cls(in_dim, length=length, codebook_size=size, seed=int(cfg.get("seed", 0)))
+    check_index_shape(int(cfg["length"]), int(cfg["codebook_size"]))
+    return QUANTIZERS[kind].from_config(cfg)
 
 
-def quantizer_config(q, **extra) -> dict:
+def quantizer_config(q: Quantizer, **extra) -> dict:
     """The JSON config that rebuilds `q` with `build_quantizer`."""
-    cfg = {"kind": q.kind, "in_dim": q.in_dim, "length": q.length, "codebook_size": q.codebook_size}
-    if isinstance(q, RQVAE):
-        cfg.update(code_dim=q.code_dim, widths=q.widths, beta=q.beta)
-    if isinstance(q, RandomQuantizer):
-        cfg["seed"] = q.seed
-    cfg.update(extra)
-    return cfg
+    return {**q.config(), **extra}
 
 
 def save_quantizer(path: str | Path, q, cfg: dict | None = None) -> None:
@@ -386,20 +442,20 @@ def save_quantizer(path: str | Path, q, cfg: dict | None = None) -> None:
 
 
 def load_quantizer(path: str | Path, in_dim: int | None = None):
-    """(tokenizer in eval mode, config). `in_dim`: the embeddings' dim, checked against it."""
+    """(quantizer in eval mode, config). `in_dim`: the embeddings' dim, checked against it."""
     from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
-        raise TTDSError(f"{path}: tokenizer checkpoint not found (run the warmup stage first)")
+        raise TTDSError(f"{path}: quantizer checkpoint not found (run the warmup stage first)")
     with safe_open(str(path), framework="pt") as fh:
         meta = fh.metadata() or {}
         state = {k: fh.get_tensor(k) for k in fh.keys() if k != "_empty"}
     if "config" not in meta:
-        raise TTDSError(f"{path}: no tokenizer config in the checkpoint metadata")
+        raise TTDSError(f"{path}: no quantizer config in the checkpoint metadata")
     cfg = json.loads(meta["config"])
     if in_dim is not None and int(cfg["in_dim"]) != int(in_dim):
-        raise TTDSError(f"{path}: tokenizer was trained on {cfg['in_dim']}-dim embeddings, "
+        raise TTDSError(f"{path}: quantizer was trained on {cfg['in_dim']}-dim embeddings, "
                         f"the embeddings have dim {in_dim}")
     q = build_quantizer(cfg)
     q.load_state_dict(state)

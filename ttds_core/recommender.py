@@ -4,11 +4,11 @@ Written by `finetune`, read by `evaluate` and serving:
 - `adapter/`: the peft LoRA adapter (safetensors),
 - `sid_rows.safetensors`: `input` / `output` rows of the SID tokens (the effective rows:
   free rows plus projected codebook vectors when `index.tie_embeddings`),
-- `tokenizer/`: the extended tokenizer,
+- `tokenizer/`: the extended (text) tokenizer,
 - `item_sids.parquet`, `user_sids.parquet`: the SID tables at the end of training
   (`user_sids.parquet` is empty when the user tower is off),
-- `tokenizers.safetensors`: the item / user tokenizers at the end of training (their
-  configs in the metadata),
+- `quantizers.safetensors`: the item / user RQ-VAE quantizers at the end of training
+  (their configs in the metadata),
 - `recommender.json`: where the SID block starts and what it holds.
 
 `load_recommender` rebuilds a plain causal LM: backbone, vocabulary resized to the saved
@@ -44,7 +44,7 @@ class Recommender:
 
 def save_recommender(model_dir: str | Path, module, tokenizer, tables: dict[str, pd.DataFrame],
                      towers: list[str], params: dict) -> None:
-    """Write `model_dir` atomically from a trained `finetune.TTDSModule`."""
+    """Write `model_dir` atomically from a trained `model.TTDSModule`."""
     from .quantize import quantizer_config
 
     sid = module.sid
@@ -66,10 +66,10 @@ def save_recommender(model_dir: str | Path, module, tokenizer, tables: dict[str,
             {c: pd.Series(dtype="int64" if c in ("user_id", "suffix") else object) for c in SID_COLUMNS["user"]})
         write_parquet(tmp / "user_sids.parquet", users)
         state, configs = {}, {}
-        for tower, q in sid.tokenizers.items():
+        for tower, q in sid.quantizers.items():
             configs[tower] = quantizer_config(q)
             state.update({f"{tower}.{k}": v for k, v in q.state_dict().items()})
-        save_tensors(tmp / "tokenizers.safetensors", state or {"_empty": torch.zeros(0)},
+        save_tensors(tmp / "quantizers.safetensors", state or {"_empty": torch.zeros(0)},
                      metadata={"configs": json.dumps(configs)})
         write_json(tmp / "recommender.json", {
             "first_id": sid.first_id, "n_rows": sid.n_rows, "towers": towers,
@@ -126,13 +126,13 @@ def load_recommender(params: dict, model_dir: str | Path = "data/model", backbon
                        user_sids=user_sids if len(user_sids) else None, device=device, meta=meta)
 
 
-def load_final_tokenizers(model_dir: str | Path = "data/model") -> dict:
-    """The item / user tokenizers at the end of training, in eval mode."""
+def load_final_quantizers(model_dir: str | Path = "data/model") -> dict:
+    """The item / user quantizers at the end of training, in eval mode."""
     from safetensors import safe_open
 
     from .quantize import build_quantizer
 
-    path = Path(model_dir) / "tokenizers.safetensors"
+    path = Path(model_dir) / "quantizers.safetensors"
     if not path.is_file():
         raise TTDSError(f"{path}: not found (run finetune first)")
     with safe_open(str(path), framework="pt") as fh:

@@ -39,6 +39,8 @@ DEVICES = ("auto", "cpu", "cuda")
 RETIRED = {
     "index.refresh_every": "replaced by 'index.refresh_samples' (training rows between refreshes, "
                            "so the schedule scales with the batch): 100 steps at batch 8 = 800",
+    "train.tokenizer_lr": "renamed 'train.quantizer_lr' (the RQ-VAE side is called the quantizer; "
+                          "'tokenizer' is the LLM's text tokenizer)",
 }
 
 NUMBER = (int, float)
@@ -132,7 +134,7 @@ SCHEMA: dict[str, Param] = {
     "train.embedding_lr": Param(NUMBER, 0),
     "train.warmup_ratio": Param(NUMBER, 0, 1),
     "train.weight_decay": Param(NUMBER, 0),
-    "train.tokenizer_lr": Param(NUMBER, 0),
+    "train.quantizer_lr": Param(NUMBER, 0),
     "train.max_grad_norm": Param(NUMBER, 0),
     "train.dmvae_batch": Param(int, 1),
     "train.bucket_batches": Param(int, 1),
@@ -158,16 +160,17 @@ SCHEMA: dict[str, Param] = {
 SECTIONS = {key.rpartition(".")[0] for key in SCHEMA if "." in key}
 
 
-def _type_name(kind) -> str:
+def type_name(kind) -> str:
+    """How an error line names the expected type ("an integer", "a number", ...)."""
     if isinstance(kind, tuple):
-        return "a number" if kind == NUMBER else " or ".join(_type_name(k) for k in kind)
+        return "a number" if kind == NUMBER else " or ".join(type_name(k) for k in kind)
     return {int: "an integer", float: "a number", str: "a string", bool: "true/false",
-            list: "a list", dict: "a mapping"}.get(kind, kind.__name__)
+            list: "a list", dict: "a mapping", type(None): "null"}.get(kind, kind.__name__)
 
 
-def _is(value, kind) -> bool:
+def is_kind(value, kind) -> bool:
     """isinstance, except that true/false is not a number and '5e-4' (YAML reads it as a
-    string) is one."""
+    string) is one. The one type rule of the schema and of `config.get`."""
     kinds = kind if isinstance(kind, tuple) else (kind,)
     if isinstance(value, bool):
         return bool in kinds
@@ -185,17 +188,17 @@ def check_value(key: str, value, spec: Param) -> None:
     if value is None:
         if spec.null:
             return
-        raise TTDSError(f"params: '{key}' is null, expected {_type_name(spec.kind)}")
-    if not _is(value, spec.kind):
-        raise TTDSError(f"params: '{key}' = {value!r}, expected {_type_name(spec.kind)}"
+        raise TTDSError(f"params: '{key}' is null, expected {type_name(spec.kind)}")
+    if not is_kind(value, spec.kind):
+        raise TTDSError(f"params: '{key}' = {value!r}, expected {type_name(spec.kind)}"
                         + (" or null" if spec.null else ""))
     if spec.choices is not None and value not in spec.choices:
         raise TTDSError(f"params: '{key}' = {value!r}, expected one of {', '.join(map(str, spec.choices))}")
     if spec.items is not None:
         entries = value.items() if isinstance(value, dict) else enumerate(value)
         for name, item in entries:
-            if not _is(item, spec.items):
-                raise TTDSError(f"params: '{key}' entry {name!r} = {item!r}, expected {_type_name(spec.items)}")
+            if not is_kind(item, spec.items):
+                raise TTDSError(f"params: '{key}' entry {name!r} = {item!r}, expected {type_name(spec.items)}")
         if isinstance(value, list) and not value:
             raise TTDSError(f"params: '{key}' is an empty list")
     if spec.low is not None or spec.high is not None:
@@ -236,7 +239,7 @@ def spec_of(key: str) -> Param | None:
 
 def _beams_cover_ks(flat):
     beams, ks = flat.get("eval.beams"), flat.get("eval.ks")
-    if isinstance(beams, int) and ks and all(_is(k, int) for k in ks) and beams < max(ks):
+    if isinstance(beams, int) and ks and all(is_kind(k, int) for k in ks) and beams < max(ks):
         return f"'eval.beams' = {beams} is smaller than the largest K in eval.ks ({max(ks)})"
 
 
@@ -267,10 +270,10 @@ def _task_weights(flat):
     for task, weight in weights.items():
         if task not in TASKS:
             return f"'tasks.weights' has unknown task {task!r}, expected some of {', '.join(TASKS)}"
-        if _is(weight, NUMBER) and float(weight) < 0:
+        if is_kind(weight, NUMBER) and float(weight) < 0:
             return f"'tasks.weights.{task}' = {weight!r}, expected at least 0"
     seqrec = weights.get("seqrec", 1.0)
-    if _is(seqrec, NUMBER) and not 0 < float(seqrec) <= 1:
+    if is_kind(seqrec, NUMBER) and not 0 < float(seqrec) <= 1:
         return (f"'tasks.weights.seqrec' = {seqrec!r}, expected above 0 and at most 1 (the share of the "
                 "seqrec rows kept; next-item generation is the task every model is ranked on)")
     if flat.get("tasks.ts_align") is True and "ts_align" not in weights:
@@ -297,7 +300,7 @@ def _baseline_settings(flat):
             return (f"baselines ({model}): 'hidden' = {hidden} is not a multiple of 'heads' = {heads} "
                     "(attention splits the hidden size over the heads)")
         mask_prob = flat.get(f"baselines.{model}.mask_prob", flat.get("baselines.mask_prob"))
-        if _is(mask_prob, NUMBER) and not float(mask_prob) > 0:
+        if is_kind(mask_prob, NUMBER) and not float(mask_prob) > 0:
             return f"baselines ({model}): 'mask_prob' = {mask_prob!r}, expected above 0"
 
 

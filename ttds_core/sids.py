@@ -3,28 +3,24 @@
 Two entities whose M codes coincide both get a suffix token p_j, j = their rank inside
 the collision set by entity id (`<a_1><b_2><c_3><p_0>`, `<a_1><b_2><c_3><p_1>`); an
 entity with a unique code tuple gets none. This guarantees unique SIDs whatever the
-tokenizer does, and is deterministic.
+quantizer does, and is deterministic. The `build_sids` stage (`build_sids.py`) applies this
+to the warmup quantizers' codes.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 
-from .config import get
 from .errors import TTDSError
-from .io import atomic_dir, read_json, read_npy, write_json, write_parquet
-from .quantize import load_quantizer
 from .tokens import sid_string
 
 ID_COLUMN = {"item": "item_id", "user": "user_id"}
 FILES = {"item": "items", "user": "users"}
 
 
-def _groups(codes: np.ndarray):
-    """(group index of each row, size of each group) of identical code tuples."""
+def row_groups(codes: np.ndarray):
+    """(group index of each row, size of each group) of identical rows (code tuples, or inputs)."""
     codes = np.asarray(codes)
     if codes.ndim != 2:
         raise TTDSError(f"codes must be a 2-D array [entities, levels], got shape {codes.shape}")
@@ -39,7 +35,7 @@ def resolve_collisions(codes: np.ndarray, ids: np.ndarray | None = None,
     """Suffix of each row: -1 when its code tuple is unique, else its rank (0, 1, ...)
     by entity id (`ids`, default the row number) among the rows sharing the tuple.
     `max_suffix`: the number of suffix tokens available; a larger collision set is an error."""
-    inverse, counts = _groups(codes)
+    inverse, counts = row_groups(codes)
     n = len(inverse)
     ids = np.arange(n) if ids is None else np.asarray(ids)
     if n and max_suffix is not None and counts.max() > max_suffix:
@@ -84,7 +80,7 @@ def index_stats(codes: np.ndarray, suffix: np.ndarray, codebook_size: int) -> di
     """Collision rate before the suffix (share of entities whose code tuple is shared),
     largest collision set, distinct tuples, SID length, per-level usage and perplexity."""
     codes, suffix = np.asarray(codes), np.asarray(suffix)
-    inverse, counts = _groups(codes)
+    inverse, counts = row_groups(codes)
     n, length = codes.shape
     usage, perplexity = level_usage(codes, codebook_size)
     return {
@@ -108,48 +104,3 @@ def churn(old_table: pd.DataFrame, new_table: pd.DataFrame) -> float:
         raise TTDSError("SID tables need a common 'item_id' or 'user_id' column")
     merged = old_table[[key, "sid"]].merge(new_table[[key, "sid"]], on=key, suffixes=("_old", "_new"))
     return float((merged["sid_old"] != merged["sid_new"]).mean()) if len(merged) else 0.0
-
-
-def build_tower(tokenizer_path: Path, embeddings_path: Path, tower: str, max_suffix: int):
-    """(table, stats) of one tower: quantize every row of the embeddings, resolve collisions."""
-    x = read_npy(embeddings_path).astype(np.float32)
-    q, cfg = load_quantizer(tokenizer_path, in_dim=x.shape[1] if x.ndim == 2 else None)
-    ids = np.arange(len(x))
-    codes = q.codes(x, ids=ids).cpu().numpy()
-    suffix = resolve_collisions(codes, ids, max_suffix=max_suffix)
-    stats = index_stats(codes, suffix, cfg["codebook_size"])
-    # Entities with identical text have identical embeddings and must collide: the
-    # floor under collision_rate that no tokenizer can go below.
-    inverse, counts = _groups(x)
-    stats["identical_input_rate"] = float((counts[inverse] > 1).mean()) if len(x) else 0.0
-    return sid_table(ids, codes, suffix, tower), stats
-
-
-def _check_config(cfg: dict, params: dict, path: Path) -> None:
-    """The tokenizers on disk must match the current index params (else warmup is stale)."""
-    for key in ("index.kind", "index.length", "index.codebook_size"):
-        field = key.split(".")[1]
-        want = get(params, key, str if field == "kind" else int)
-        if cfg.get(field) != want:
-            raise TTDSError(f"{path}: tokenizer built with {key}={cfg.get(field)!r} but params say "
-                            f"{want!r} (rerun the warmup stage)")
-
-
-def run(params: dict, embeddings_dir: str | Path = "data/embeddings", tokenizer_dir: str | Path = "data/tokenizer",
-        out_dir: str | Path = "data/sids", metrics_path: str | Path = "metrics/sids.json") -> None:
-    """The `build_sids` stage: data/sids/{items,users}.parquet and metrics/sids.json."""
-    embeddings_dir, tokenizer_dir = Path(embeddings_dir), Path(tokenizer_dir)
-    max_suffix = get(params, "index.max_suffix", int, min_value=0)
-    towers = ["item", "user"] if get(params, "tower.user", bool) else ["item"]
-    config = read_json(tokenizer_dir / "config.json")
-    metrics = {}
-    with atomic_dir(out_dir) as tmp:
-        for tower in towers:
-            if tower not in config:
-                raise TTDSError(f"{tokenizer_dir / 'config.json'}: no {tower} tokenizer (rerun the warmup stage)")
-            _check_config(config[tower], params, tokenizer_dir / "config.json")
-            table, stats = build_tower(tokenizer_dir / f"{tower}.safetensors",
-                                       embeddings_dir / f"{FILES[tower]}.npy", tower, max_suffix)
-            write_parquet(tmp / f"{FILES[tower]}.parquet", table)
-            metrics[tower] = stats
-    write_json(metrics_path, metrics)

@@ -1,10 +1,10 @@
-"""The `warmup` stage: train each tower's tokenizer on the frozen LLM's embeddings.
+"""The `warmup` stage: train each tower's quantizer on the frozen LLM's embeddings.
 
 Paper §4.2 / SPEC step 3: per tower (items always, users when `tower.user`), an RQ-VAE
 trained with the LLM frozen (it only reads data/embeddings), Adam at `warmup.lr`,
 codebooks initialised by k-means on real residuals and dead codes re-seeded every
 `warmup.dead_code_every` epochs (not in the last stretch, so moved codes settle). For
-`index.kind` lsh/random there is nothing to train: the tokenizer is built (LSH centred
+`index.kind` lsh/random there is nothing to train: the quantizer is built (LSH centred
 on the data) and saved so `build_sids` works the same for every kind.
 """
 
@@ -19,7 +19,7 @@ import torch
 from .config import get, seed_everything
 from .errors import TTDSError
 from .io import atomic_dir, read_npy, write_json
-from .quantize import RQVAE, LSHQuantizer, build_quantizer, quantizer_config, save_quantizer
+from .quantize import KINDS, RQVAE, LSHQuantizer, build_quantizer, quantizer_config, save_quantizer
 from .sids import index_stats, resolve_collisions
 
 FILES = {"item": "items", "user": "users"}
@@ -40,9 +40,9 @@ def warmup_config(params: dict) -> dict:
 
 
 def index_config(params: dict, in_dim: int) -> dict:
-    """Tokenizer architecture from `index.*` (what `build_quantizer` takes)."""
+    """Quantizer architecture from `index.*` (what `build_quantizer` takes)."""
     return {
-        "kind": get(params, "index.kind", str, choices=("rq", "lsh", "random")),
+        "kind": get(params, "index.kind", str, choices=KINDS),
         "in_dim": in_dim,
         "length": get(params, "index.length", int),
         "codebook_size": get(params, "index.codebook_size", int),
@@ -81,7 +81,7 @@ def train_rqvae(x: np.ndarray, cfg: dict, seed: int, log=None, progress: bool = 
     every epoch when given.
     """
     threads = torch.get_num_threads()
-    # The tokenizer MLP is small: intra-op threads cost more in synchronisation than
+    # The quantizer MLP is small: intra-op threads cost more in synchronisation than
     # they save (4x slower with 2 threads than with 1 on a busy 2-core machine).
     torch.set_num_threads(1)
     try:
@@ -133,7 +133,7 @@ def _train_rqvae(x, cfg: dict, seed: int, log, progress: bool):
 
 
 def build_untrained(x: np.ndarray, cfg: dict):
-    """LSH (centred on x) or random tokenizer: nothing to learn."""
+    """LSH (centred on x) or random quantizer: nothing to learn."""
     q = build_quantizer({**cfg, "in_dim": x.shape[1]})
     if isinstance(q, LSHQuantizer):
         # Random hyperplanes through the origin split mean-pooled LLM states badly (they
@@ -169,9 +169,9 @@ def _log_histories(histories: dict, path: str) -> None:
             live.next_step()
 
 
-def run(params: dict, embeddings_dir: str | Path = "data/embeddings", out_dir: str | Path = "data/tokenizer",
+def run(params: dict, embeddings_dir: str | Path = "data/embeddings", out_dir: str | Path = "data/quantizer",
         metrics_path: str | Path = "metrics/warmup.json", live_dir: str = "dvclive/warmup") -> None:
-    """The `warmup` stage: data/embeddings -> data/tokenizer/{item,user}.safetensors + config.json."""
+    """The `warmup` stage: data/embeddings -> data/quantizer/{item,user}.safetensors + config.json."""
     seed = get(params, "seed", int, 42)
     towers = ["item", "user"] if get(params, "tower.user", bool) else ["item"]
     train_cfg = warmup_config(params)

@@ -22,8 +22,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from ..config import rng_state, set_rng_state
-from ..io import atomic_dir, load_tensors, read_json, save_tensors, write_json
+from .. import checkpoint
 from ..metrics import metric_table, ndcg
 from .data import Split, pad_inputs, rank_frame, training_windows
 
@@ -67,40 +66,36 @@ def evaluate(model, split: Split, which: str, max_history: int, batch_size: int,
 _NOT_RESUME_KEYS = ("epochs", "max_minutes")
 
 
-def _fingerprint(model, cfg: dict, windows: torch.Tensor) -> str:
+def _fingerprint(model, cfg: dict, windows: torch.Tensor) -> dict[str, str]:
     """What a checkpoint must match to be resumed: model class, config and training data."""
     picked = {k: v for k, v in cfg.items() if k not in _NOT_RESUME_KEYS}
-    digest = hashlib.sha256(json.dumps([type(model).__name__, picked], sort_keys=True, default=str).encode())
-    digest.update(windows.numpy().tobytes())
-    return digest.hexdigest()[:16]
+    return {"model": type(model).__name__,
+            "params": hashlib.sha256(json.dumps(picked, sort_keys=True, default=str).encode()).hexdigest()[:16],
+            "training data": hashlib.sha256(windows.numpy().tobytes()).hexdigest()[:16]}
 
 
 def _save_checkpoint(path: Path, model, optimizer, generator, best_state, progress: dict) -> None:
-    """Everything `train` needs to go on after the epoch just finished, written atomically."""
-    with atomic_dir(path) as tmp:
-        save_tensors(tmp / "model.safetensors", model.state_dict())
-        save_tensors(tmp / "best.safetensors", best_state)
-        torch.save(optimizer.state_dict(), tmp / "optim.pt")
-        tensors, js = rng_state()
-        save_tensors(tmp / "rng.safetensors", {**tensors, "generator": generator.get_state()})
-        write_json(tmp / "state.json", {**progress, "rng": js})
+    """Everything `train` needs to go on after the epoch just finished (`checkpoint.write`)."""
+    checkpoint.write(path, progress, tensors={"model": model.state_dict(), "best": best_state},
+                     objects={"optim": optimizer.state_dict()}, generators={"order": generator})
 
 
-def _load_checkpoint(path: Path, model, optimizer, generator, fingerprint: str, log):
-    """(progress, best_state) from a compatible checkpoint at `path`, else None (start fresh)."""
-    if not (path / "state.json").exists():
+def _load_checkpoint(path: Path, model, optimizer, generator, fingerprint: dict, log):
+    """(progress, best_state) from a compatible checkpoint at `path`, else None (start fresh;
+    one made from anything else is set aside)."""
+    stored = checkpoint.read(path)
+    if stored is None:
         return None
-    progress = read_json(path / "state.json")
-    if progress.get("fingerprint") != fingerprint:
-        print(f"warning: {path} was made with other params or data; starting fresh", file=log, flush=True)
+    why = checkpoint.mismatch(stored, fingerprint)
+    if why:
+        checkpoint.set_aside(path, why, "baseline", log=log)
         return None
-    model.load_state_dict(load_tensors(path / "model.safetensors"))
-    optimizer.load_state_dict(torch.load(path / "optim.pt", weights_only=True))
-    rng = load_tensors(path / "rng.safetensors")
-    generator.set_state(rng.pop("generator"))
-    set_rng_state(rng, progress.pop("rng"))
+    model.load_state_dict(stored.tensors("model"))
+    optimizer.load_state_dict(stored.object("optim"))
+    stored.restore_rng({"order": generator})
+    progress = {k: v for k, v in stored.state.items() if k != "rng"}
     print(f"resuming from {path} after epoch {progress['epoch']}", file=log, flush=True)
-    return progress, load_tensors(path / "best.safetensors")
+    return progress, stored.tensors("best")
 
 
 def train(model, split: Split, cfg: dict, device, select_masked: bool, log=None,
