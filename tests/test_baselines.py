@@ -239,6 +239,9 @@ def test_checkpoint_of_other_params_is_not_resumed(tmp_path, capsys):
 
 def test_run_removes_its_checkpoint_once_outputs_are_written(tmp_path):
     processed, _ = _write_split(tmp_path, users=40)
+    stale = tmp_path / "out" / "checkpoints" / "gru4rec.stale"  # one set aside by an earlier run
+    stale.mkdir(parents=True)
+    (stale / "state.json").write_text("{}")
     _run(tmp_path, processed, "gru4rec", _params(epochs=2))
     assert (tmp_path / "out" / "gru4rec" / "ranks.parquet").exists()
     assert not (tmp_path / "out" / "checkpoints").exists()

@@ -1,7 +1,9 @@
 """Semantic-ID quantizers: X (an LLM embedding) -> M discrete codes, one per level.
 
 Three kinds implement one interface, `Quantizer`, and are registered by their `kind` in
-`QUANTIZERS` (`index.kind` picks one; adding a kind = one subclass + one registry line):
+`QUANTIZERS` (`index.kind` picks one). Adding a kind = one subclass, one registry line and its
+name in `schema.INDEX_KINDS` (a test checks the two agree); `warmup` trains only the RQ-VAE (its
+k-means and dead-code recipe), so a new kind that learns also needs its warm-up there:
 - `RQVAE` (paper §4.2.2, eq. 10-11): MLP encoder -> residual quantizer with M codebooks
   of N vectors -> mirror MLP decoder reconstructing X. Trainable (warmup, and again
   during dynamic fine-tuning through `rq_loss`).
@@ -69,11 +71,12 @@ def _check_dim(x: torch.Tensor, in_dim: int) -> None:
 
 
 class Quantizer(nn.Module):
-    """What the pipeline needs of an index kind: `warmup` builds (and, when it `learns`, trains)
-    one per tower, `build_sids` reads its `codes`, fine-tuning ties the SID rows to its
+    """What the pipeline needs of an index kind: `warmup` builds one per tower (and trains the
+    RQ-VAE), `build_sids` reads its `codes`, fine-tuning ties the SID rows to its
     `codebook`s, adds its `rq_loss` (L_Token) and, at a refresh, re-fits its normalisation and
     re-derives codes with hysteresis (`sticky_codes`). The defaults are "nothing of that kind":
-    no codebook vectors, no loss, no normalisation, no hysteresis."""
+    no codebook vectors, no loss, no normalisation, no hysteresis. (`learns` decides whether
+    fine-tuning trains it; warmup's training recipe is the RQ-VAE's.)"""
 
     kind: str = ""
     learns = False     # trained by warmup and, with a dynamic index, during fine-tuning

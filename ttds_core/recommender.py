@@ -7,8 +7,8 @@ Written by `finetune`, read by `evaluate` and serving:
 - `tokenizer/`: the extended (text) tokenizer,
 - `item_sids.parquet`, `user_sids.parquet`: the SID tables at the end of training
   (`user_sids.parquet` is empty when the user tower is off),
-- `quantizers.safetensors`: the item / user RQ-VAE quantizers at the end of training
-  (their configs in the metadata),
+- `quantizers.safetensors`: the item / user quantizers (RQ-VAE, LSH or random) at the end
+  of training (their configs in the metadata),
 - `recommender.json`: where the SID block starts and what it holds.
 
 `load_recommender` rebuilds a plain causal LM: backbone, vocabulary resized to the saved

@@ -6,8 +6,8 @@ validation and test targets of the users `evaluate` ranks (`eval.max_users`) ove
 writes `metrics/baselines/<name>.json` (the `metrics/eval.json` format) and
 `data/baselines/<name>/ranks.parquet` (the `data/eval/ranks.parquet` format).
 While it trains, `data/baselines/checkpoints/<name>` holds the state after the last
-epoch, so a killed run started again goes on from there; it is removed once the
-outputs are written.
+epoch, so a killed run started again goes on from there (one made from other params or
+data is set aside as `<name>.stale`); both are removed once the outputs are written.
 Hyper-parameters come from `baselines.*`, overridable per model as `baselines.<name>.*`.
 """
 
@@ -84,7 +84,8 @@ def run(params: dict, name: str, processed_dir: str | Path = "data/processed",
         metrics_dir: str | Path = "metrics/baselines", out_dir: str | Path = "data/baselines") -> dict:
     """Train and evaluate baseline `name`; write its metrics and per-user ranks.
 
-    Training checkpoints go to `<out_dir>/checkpoints/<name>` until the outputs are written.
+    Training checkpoints go to `<out_dir>/checkpoints/<name>` (a set-aside one to `<name>.stale`)
+    until the outputs are written.
     """
     cfg = model_config(params, name)
     select_masked = get(params, "eval.mask_history", bool, default=False)
@@ -105,6 +106,7 @@ def run(params: dict, name: str, processed_dir: str | Path = "data/processed",
             "config": cfg, "epochs": history})
     write_json(Path(metrics_dir) / f"{name}.json", metrics)
     shutil.rmtree(checkpoint, ignore_errors=True)
+    shutil.rmtree(checkpoint.with_name(name + ".stale"), ignore_errors=True)  # superseded by the outputs
     if checkpoint.parent.is_dir() and not any(checkpoint.parent.iterdir()):
         checkpoint.parent.rmdir()
     return metrics
