@@ -326,12 +326,18 @@ def dmvae_terms(x_sid: torch.Tensor, quantizer, x_text: torch.Tensor) -> dict[st
 # ---------------------------------------------------------------- refresh
 
 @torch.no_grad()
-def quantize_codes(quantizer, x: np.ndarray) -> np.ndarray:
-    """Codes [n, M] of rows of `x` (row i = entity i: random codes are keyed by id)."""
+def quantize_codes(quantizer, x: np.ndarray, previous: np.ndarray | None = None, margin: float = 0.0
+                   ) -> np.ndarray:
+    """Codes [n, M] of rows of `x` (row i = entity i: random codes are keyed by id). With a
+    `margin` > 0, each row keeps its `previous` codes unless the new ones win by it
+    (`sticky_codes`, hysteresis), for the kinds that have hysteresis."""
     was_training = quantizer.training
     quantizer.eval()
     dev = next(iter(quantizer.buffers()), torch.zeros(())).device
-    codes = quantizer.codes(torch.as_tensor(x, dtype=torch.float32, device=dev), ids=np.arange(len(x)))
+    x = torch.as_tensor(x, dtype=torch.float32, device=dev)
+    codes = quantizer.sticky_codes(x, previous, margin) if margin > 0 else None
+    if codes is None:  # no margin, or a kind without hysteresis
+        codes = quantizer.codes(x, ids=np.arange(len(x)))
     quantizer.train(was_training)
     return torch.as_tensor(codes).cpu().numpy().astype(np.int64)
 
@@ -364,14 +370,7 @@ def refresh_tower(model, tokenizer, quantizer, texts: list[str], old: pd.DataFra
     quantizer.fit_normalisation(x)
     key = old.columns[0]
     previous = table_codes(old, key)
-    codes = None
-    if margin > 0:
-        was = quantizer.training
-        quantizer.eval()
-        dev = next(iter(quantizer.buffers()), torch.zeros(())).device
-        codes = quantizer.sticky_codes(torch.as_tensor(x, device=dev), previous, margin)
-        quantizer.train(was)
-    codes = quantize_codes(quantizer, x) if codes is None else codes.cpu().numpy()  # None: no hysteresis
+    codes = quantize_codes(quantizer, x, previous, margin)
     table = make_table(lay.tower, old[key].sort_values().to_numpy(), codes)
     if int(table["suffix"].max()) >= lay.max_suffix:
         log.warning("refresh: %s collision set of %d exceeds index.max_suffix=%d; SIDs kept",
