@@ -236,3 +236,34 @@ def test_a_new_task_is_one_class_and_one_registry_line(monkeypatch):
     assert added and tasks.n_templates("item_title") == 1
     assert tasks.render(added[0], data, _sids(), 0) == (f"What is <a_{added[0].key}><b_0>?", f"title & {added[0].key}")
     assert tasks.approx_length(added[0], data) == min(added[0].pos, data.max_history)
+
+
+def test_user_token_dropout_removes_only_the_prompts_user_sid():
+    """`drop_user` renders seqrec and preference prompts without the user SID (history and
+    target unchanged); a next-user sample, whose target is a user SID, keeps the users."""
+    data = _data()
+    for name in ("seqrec", "preference"):
+        sample = tasks.Sample(name, 0, 3)
+        (shown, target), (dropped, target2) = (tasks.render(sample, data, _sids(), 0, drop_user=d)
+                                               for d in (False, True))
+        assert "<ua_0><ub_1>" in shown and "<ua_0><ub_1>" not in dropped
+        assert target == target2 and dropped == shown.replace(" <ua_0><ub_1>", "")
+    nu = tasks.Sample("next_user", 3, 1)
+    assert tasks.render(nu, data, _sids(), 0, drop_user=True) == tasks.render(nu, data, _sids(), 0)
+
+
+def test_user_token_drops_are_seeded_per_epoch_and_off_by_default():
+    from ttds_core.batches import user_token_drops
+    cfg = TrainConfig.from_params(load_params(REPO / "params.yaml"))
+    assert cfg.user_dropout == 0.0 and user_token_drops(1000, cfg, 0) is None
+    cfg.user_dropout = 0.5
+    a, b, c = user_token_drops(4000, cfg, 0), user_token_drops(4000, cfg, 0), user_token_drops(4000, cfg, 1)
+    assert (a == b).all() and not (a == c).all() and 0.45 < a.mean() < 0.55
+
+
+def test_user_token_dropout_without_user_tower_is_one_line_error():
+    params = load_params(REPO / "params.yaml")
+    params["tower"]["user"] = False
+    params["train"]["user_token_dropout"] = 0.5
+    with pytest.raises(TTDSError, match="user_token_dropout.*tower.user"):
+        TrainConfig.from_params(params)

@@ -42,6 +42,16 @@ def epoch_batches(samples: list[tasks.Sample], data: tasks.TaskData, cfg: TrainC
             for b in mine]
 
 
+def user_token_drops(n_samples: int, cfg: TrainConfig, epoch: int) -> np.ndarray | None:
+    """Which samples of `epoch` render without the user SID (`train.user_token_dropout`), or
+    None when nothing is dropped. Seeded by (seed, epoch) on a stream of its own, so the
+    sample order and templates are those of a run without dropout, and a resumed epoch
+    drops the same prompts."""
+    if cfg.user_dropout <= 0:
+        return None
+    return np.random.default_rng([cfg.seed, epoch, 1]).random(n_samples) < cfg.user_dropout
+
+
 def collate(pairs: list[tuple[str, str]], tokenizer, max_response_tokens: int, first_sid_id: int | None = None
             ) -> dict:
     """Left-padded prompt+response ids; labels [B, R] aligned to the end (response + EOS).

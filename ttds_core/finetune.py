@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 from . import tasks
-from .batches import epoch_batches, step_inputs
+from .batches import epoch_batches, step_inputs, user_token_drops
 from .config import get, seed_everything
 from .errors import TTDSError
 from .io import write_json
@@ -174,12 +174,14 @@ def run(params: dict, data_dir: str | Path = "data", metrics_dir: str | Path = "
         if done:
             break
         batches = epoch_batches(job.samples, job.data, cfg, epoch, rank, world)
+        drops = user_token_drops(len(job.samples), cfg, epoch)
         usable = (len(batches) // cfg.grad_accum) * cfg.grad_accum
         for b in range(batch0 if epoch == epoch0 else 0, usable):
             # one micro-step: render the batch, forward, backward; the update at the last micro-step
             idx, tmpl = batches[b]
             tables_now = index.sid_tables()
-            pairs = [tasks.render(job.samples[j], job.data, tables_now, t, tokenizer.eos_token)
+            pairs = [tasks.render(job.samples[j], job.data, tables_now, t, tokenizer.eos_token,
+                                  drop_user=drops is not None and bool(drops[j]))
                      for j, t in zip(idx, tmpl)]
             inputs, n_tokens = step_inputs(pairs, index, tokenizer, cfg, inner.sid, p.step, b, device)
             t_step = time.time()

@@ -141,6 +141,7 @@ SCHEMA: dict[str, Param] = {
     "train.packing": Param(bool),
     "train.checkpoint_every": Param(int, 1),
     "train.patience": Param(int, 1, null=True),
+    "train.user_token_dropout": Param(NUMBER, 0, 1, below=True),
     "train.max_minutes": Param(NUMBER, 0, null=True),
     "train.threads": Param(int, 1, null=True),
     "train.val_users": Param(int, 0),
@@ -286,6 +287,12 @@ def _ts_align_needs_prefixes(flat):
         return "'tasks.ts_align' needs SID prefixes, i.e. 'index.length' >= 2"
 
 
+def _user_dropout_needs_user_tower(flat):
+    rate = flat.get("train.user_token_dropout")
+    if is_kind(rate, NUMBER) and float(rate) > 0 and flat.get("tower.user") is False:
+        return "'train.user_token_dropout' drops the user SID from prompts, but 'tower.user' is false (there is none)"
+
+
 def _patience_needs_validation(flat):
     if isinstance(flat.get("train.patience"), int) and flat.get("train.val_users") == 0:
         return "'train.patience' needs validations: 'train.val_users' is 0"
@@ -312,7 +319,7 @@ def _lsh_codebook(flat):
 
 RULES: tuple[Callable[[dict], str | None], ...] = (
     _beams_cover_ks, _ks_positive, _topk_within_beams, _data_source, _task_weights,
-    _ts_align_needs_prefixes, _patience_needs_validation, _baseline_settings, _lsh_codebook)
+    _ts_align_needs_prefixes, _patience_needs_validation, _user_dropout_needs_user_tower, _baseline_settings, _lsh_codebook)
 
 
 def validate(params: dict) -> None:

@@ -207,6 +207,7 @@ class Task:
     group: str = "high_order"   # when it runs: "core" always, "high_order" with tasks.high_order,
                                 # "ts_align" with tasks.ts_align
     needs_user_tower: bool = False
+    names_user: bool = False    # its prompt names the user by SID (user{user}): user-token dropout applies
 
     def pool(self, data: TaskData) -> list[Sample]:
         raise NotImplementedError
@@ -237,7 +238,7 @@ def _history(sample: Sample, data: TaskData, sids: SidTables) -> tuple[int, list
 class SeqRec(Task):
     """history -> next item's SID; packed: a window of a user's items, every next SID a target."""
 
-    name, group = "seqrec", "core"
+    name, group, names_user = "seqrec", "core", True
 
     def pool(self, data):
         if data.packed:
@@ -267,7 +268,7 @@ class SeqRec(Task):
 class Preference(Task):
     """history -> the user's review of the next training item, else its title."""
 
-    name = "preference"
+    name, names_user = "preference", True
 
     def pool(self, data):
         return _prefix_samples(self.name, data)
@@ -375,11 +376,16 @@ def build_samples(data: TaskData, weights: dict[str, float], seed: int) -> list[
     return out
 
 
-def render(sample: Sample, data: TaskData, sids: SidTables, template: int, eos: str | None = None
-           ) -> tuple[str, str]:
+def render(sample: Sample, data: TaskData, sids: SidTables, template: int, eos: str | None = None,
+           drop_user: bool = False) -> tuple[str, str]:
     """(prompt, response) text of one sample with the current SID tables. `eos` (the
-    tokenizer's EOS text) separates the items of a packed seqrec row."""
-    return task(sample.task).render(sample, data, sids, template, eos)
+    tokenizer's EOS text) separates the items of a packed seqrec row. `drop_user`
+    (`train.user_token_dropout`) renders a prompt that names its user without the user SID,
+    as the STDS prompts do; a task whose target is a user SID keeps it."""
+    t = task(sample.task)
+    if drop_user and t.names_user:
+        sids = SidTables(sids.item, None)
+    return t.render(sample, data, sids, template, eos)
 
 
 def n_templates(name: str) -> int:

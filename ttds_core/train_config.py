@@ -57,6 +57,7 @@ class TrainConfig:
     max_minutes: float | None = None
     patience: int | None = None
     packing: bool = False
+    user_dropout: float = 0.0
 
     @classmethod
     def from_params(cls, params: dict) -> "TrainConfig":
@@ -103,6 +104,7 @@ class TrainConfig:
             max_minutes=get(params, "train.max_minutes", float, None, min_value=0.0),
             patience=get(params, "train.patience", int, None, allow_none=True, min_value=1),
             packing=get(params, "train.packing", bool),
+            user_dropout=get(params, "train.user_token_dropout", float, 0.0, min_value=0.0),
         )
         return cfg
 
