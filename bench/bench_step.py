@@ -12,11 +12,15 @@ layouts:
 - current: left-padded batch, DM-VAE terms in two more forwards (`train.packing: false`)
   with the params' LoRA dropout;
 - packed: `train.packing: true` (padding-free rows, DM-VAE rows in the same forward);
-- lean: packed and `lora.dropout: 0` (no dropout masks drawn in every adapted layer).
+- lean: packed, `lora.dropout: 0` (no dropout masks drawn in every adapted layer),
+  `train.fused_optimizer: true` (one AdamW kernel per group; a non-finite step is skipped on
+  the device instead of being checked on the host) and `train.log_every` > 1 (the losses are
+  not read back after the step).
 
 at batch 8 with the params' backbone depth (`model.num_layers`) and at batch 256 with
-`--large-layers` decoder layers (the arithmetic per layer is what a full-depth GPU step
-repeats; one layer keeps a 256-row CPU step to seconds). Operator calls and host syncs
+each of `--large-layers` decoder layers (one and two layers keep a 256-row CPU step to
+seconds; the difference between them is what every further layer adds, so the calls of a
+full-depth step, `--full-layers`, are extrapolated from them). Operator calls and host syncs
 (`aten::_local_scalar_dense`: what `.item()`, `float()` and `bool()` of a tensor run; each
 one stops a GPU until its queue drains; AdamW's reads of its host-side step counters are
 not counted) are counted over one step after a warm-up, operator calls by torch.profiler; CPU seconds per sample are the mean of `--steps` further steps. Not a test.
@@ -42,7 +46,7 @@ from ttds_core.model import make_optimizer
 from ttds_core.train_config import TrainConfig
 
 VARIANTS = {"current": {}, "packed": {"train.packing": True},
-            "lean": {"train.packing": True, "lora.dropout": 0.0}}
+            "lean": {"train.packing": True, "lora.dropout": 0.0, "train.fused_optimizer": True, "train.log_every": 50}}
 
 
 class SyncCounter(TorchDispatchMode):
@@ -99,11 +103,16 @@ def measure(params: dict, batch_size: int, steps: int) -> dict:
         losses = module(**inputs)
         losses["total"].backward()
         norm = torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
-        if bool(torch.isfinite(norm)):  # as the loop: one inf/NaN gradient skips the update
+        if cfg.fused_optimizer:  # as the loop: the skip is decided on the device
+            optimizer.found_inf = (~torch.isfinite(norm)).float().reshape(())
+            optimizer.step()
+        elif bool(torch.isfinite(norm)):  # as the loop: one inf/NaN gradient skips the update
             with syncs.paused():  # AdamW reads its step counters, which stay on the host on a GPU too
                 optimizer.step()
         optimizer.zero_grad()
-        torch.stack([v.detach().double() for v in losses.values()]).tolist()  # the loop's one read-back
+        means = torch.stack([v.detach().double() for v in losses.values()])
+        if cfg.log_every == 1:
+            means.tolist()  # the loop's read-back after every step
         shape = inputs["packed"].input_ids.shape if cfg.packing else inputs["input_ids"].shape
         positions = shape[0] * shape[1] + (0 if cfg.packing else sum(
             v[0].numel() for v in (inputs["dm"] or {}).values()))
@@ -139,19 +148,33 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--large-layers", type=int, default=1)
+    ap.add_argument("--large-layers", default="1,2", help="depths measured at the large batch")
+    ap.add_argument("--full-layers", type=int, default=30, help="depth the large batch's calls are extrapolated to")
     ap.add_argument("--sizes", default="8,256", help="batch sizes (the first at the params' depth)")
     ap.add_argument("--out", default=None, help="also write the JSON result here")
     args = ap.parse_args()
     base = load_params(args.params)
-    result = {"threads": get(base, "train.threads", int, 1, allow_none=True), "rows": []}
+    result = {"threads": get(base, "train.threads", int, 1, allow_none=True), "rows": [], "extrapolated": []}
+    large = [int(x) for x in args.large_layers.split(",")]
     for i, size in enumerate(int(s) for s in args.sizes.split(",")):
-        layers = get(base, "model.num_layers", int, 4, allow_none=True) if i == 0 else args.large_layers
-        for name, overrides in VARIANTS.items():
-            params = with_overrides(base, {**overrides, "train.batch_size": size, "model.num_layers": layers})
-            row = {"batch_size": size, "num_layers": layers, "variant": name, **measure(params, size, args.steps)}
-            result["rows"].append(row)
-            print(json.dumps(row), flush=True)
+        depths = [get(base, "model.num_layers", int, 4, allow_none=True)] if i == 0 else large
+        for layers in depths:
+            for name, overrides in VARIANTS.items():
+                params = with_overrides(base, {**overrides, "train.batch_size": size, "model.num_layers": layers})
+                row = {"batch_size": size, "num_layers": layers, "variant": name, **measure(params, size, args.steps)}
+                result["rows"].append(row)
+                print(json.dumps(row), flush=True)
+        if i > 0 and len(large) >= 2:
+            for name in VARIANTS:
+                (a, b) = [next(r for r in result["rows"] if (r["batch_size"], r["num_layers"], r["variant"]) == (size, d, name))
+                          for d in large[:2]]
+                per_layer = (b["aten_calls_per_step"] - a["aten_calls_per_step"]) / (large[1] - large[0])
+                calls = a["aten_calls_per_step"] + per_layer * (args.full_layers - large[0])
+                row = {"batch_size": size, "num_layers": args.full_layers, "variant": name,
+                       "aten_calls_per_layer_per_step": round(per_layer), "aten_calls_per_step": round(calls),
+                       "aten_calls_per_sample": round(calls / size, 1), "host_syncs_per_step": b["host_syncs_per_step"]}
+                result["extrapolated"].append(row)
+                print("extrapolated", json.dumps(row), flush=True)
     if args.out:
         from ttds_core.io import write_json
         write_json(args.out, result)

@@ -140,3 +140,30 @@ def test_popularity_reference_by_hand():
     ranks = ev.popularity_ranks(SEQUENCES, cases, 14)
     assert ranks[False] == [14, 11, 8]
     assert ranks[True] == [10, 10, 5]  # history items ranked above the target are removed
+
+
+def test_popularity_prior_ranks_by_model_score_plus_lambda_log_training_count(rec):
+    """eval.popularity_prior: ranks follow the exhaustive score + lambda * log(n + 1), n counted
+    over the training parts only (a validation or test target adds nothing)."""
+    import math
+
+    params = copy.deepcopy(PARAMS)
+    params["eval"]["popularity_prior"] = 2.0
+    cfg = ev.eval_settings(params)
+    assert cfg.popularity_prior == 2.0 and ev.eval_settings(PARAMS).popularity_prior == 0.0
+    metrics, ranks = ev.evaluate(rec, SEQUENCES, cfg)
+    assert metrics["popularity_prior"] == 2.0
+    counts = {i: 0 for i in range(14)}
+    for items in SEQUENCES["items"]:
+        for i in items[:-2]:
+            counts[i] += 1
+    build = ev.PromptBuilder(rec.tokenizer, rec.item_sids, rec.user_sids, 0)
+    for case in ev.eval_cases(SEQUENCES, "valid", 3) + ev.eval_cases(SEQUENCES, "test", 3):
+        scored = exhaustive(rec.model, rec.tokenizer, build(case.user_id, case.history), rec.item_sids)
+        order = [i for i, _ in sorted(((i, s + 2.0 * math.log(counts[i] + 1)) for i, s in scored),
+                                      key=lambda p: -p[1])]
+        row = ranks[(ranks.user_id == case.user_id) & (ranks.split == case.split) & ~ranks.masked]
+        assert int(row["rank"].iloc[0]) == order.index(case.target) + 1
+    params["eval"]["popularity_prior"] = -0.5
+    with pytest.raises(TTDSError, match="eval.popularity_prior"):
+        ev.eval_settings(params)

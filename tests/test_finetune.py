@@ -146,12 +146,16 @@ def _dynamic_params(**kw):
                          "index.refresh_samples": 16, **kw})
 
 
-def test_resume_after_a_kill_equals_an_uninterrupted_run(toy_root, tmp_path, monkeypatch):
+LEAN = {"train.fused_optimizer": True, "train.log_every": 3, "train.packing": True}
+
+
+@pytest.mark.parametrize("lean", [False, True])
+def test_resume_after_a_kill_equals_an_uninterrupted_run(toy_root, tmp_path, monkeypatch, lean):
     runs = {}
     for name in ("straight", "killed"):
         shutil.copytree(toy_root / "data", tmp_path / name / "data")
         monkeypatch.chdir(tmp_path / name)
-        params = _dynamic_params()
+        params = _dynamic_params(**(LEAN if lean else {}))
         if name == "killed":
             real_save = finetune.save_checkpoint
 
@@ -322,9 +326,11 @@ def test_ddp_two_processes(project, packing):
     assert [c["step"] for c in metrics["churn"]] == [2]
 
 
-def test_non_finite_gradient_skips_the_update_and_is_logged(project, monkeypatch, capsys):
+@pytest.mark.parametrize("fused", [False, True])
+def test_non_finite_gradient_skips_the_update_and_is_logged(project, monkeypatch, capsys, fused):
     """One NaN loss (hence NaN gradients) must not reach the weights through the clipping:
-    the update is skipped, listed in metrics, and training goes on with finite weights."""
+    the update is skipped, listed in metrics, and training goes on with finite weights.
+    Fused: the skip is decided on the device and reported when the losses are read back."""
     real = ttds_model.response_loss
     calls = {"n": 0}
 
@@ -334,12 +340,31 @@ def test_non_finite_gradient_skips_the_update_and_is_logged(project, monkeypatch
         return (loss * float("nan"), correct) if calls["n"] == 3 else (loss, correct)
 
     monkeypatch.setattr(ttds_model, "response_loss", nan_on_third_step)
-    out = finetune.run(_dynamic_params(**{"train.val_users": 0, "train.max_steps": 5}))
+    out = finetune.run(_dynamic_params(**{"train.val_users": 0, "train.max_steps": 5,
+                                          **({"train.fused_optimizer": True, "train.log_every": 4} if fused else {})}))
     metrics = json.loads(Path("metrics/finetune.json").read_text())
     assert metrics["skipped_steps"] == [3] and metrics["steps"] == 5
     assert "step 3: non-finite gradient" in capsys.readouterr().err
     assert np.isfinite(out["history"][-1]["loss_llm"])
     assert all(torch.isfinite(t).all() for t in load_tensors("data/model/sid_rows.safetensors").values())
+
+
+def test_log_every_reads_back_later_but_records_the_same_history(toy_root, tmp_path, monkeypatch):
+    """`train.log_every` only delays the losses' read-back: the same per-step history, the
+    same model; the fused optimizer trains like the default one (other rounding)."""
+    runs = {}
+    for name, kw in (("every", {}), ("later", {"train.log_every": 5}), ("fused", {"train.fused_optimizer": True})):
+        shutil.copytree(toy_root / "data", tmp_path / name / "data")
+        monkeypatch.chdir(tmp_path / name)
+        runs[name] = (finetune.run(_dynamic_params(**kw)), _outputs())
+    (a, out_a), (b, out_b), (c, out_c) = runs["every"], runs["later"], runs["fused"]
+    assert a["history"] == b["history"] and [h["step"] for h in b["history"]] == list(range(1, 9))
+    for key in out_a:
+        if key not in ("items", "tok"):
+            assert torch.equal(out_a[key], out_b[key])
+    for ha, hc in zip(a["history"], c["history"]):
+        assert ha["loss_llm"] == pytest.approx(hc["loss_llm"], rel=1e-3)
+    assert a["history"][0] == c["history"][0]  # the first loss comes before any update
 
 
 def test_max_minutes_stops_training_early_and_still_saves(project):

@@ -3,6 +3,8 @@ on a tiny random LLaMA."""
 
 from __future__ import annotations
 
+import math
+
 import pandas as pd
 import pytest
 import torch
@@ -97,6 +99,36 @@ def test_exhaustive_beam_width_equals_exhaustive_scoring(setup, scoring):
         want_masked = [p for p in want if p[0] not in hist]
         assert [i for i, _ in got_masked] == [i for i, _ in want_masked]
         assert [s for _, s in got_masked] == pytest.approx([s for _, s in want_masked], abs=1e-4)
+
+
+@pytest.mark.parametrize("strength", [0.5, 3.0])
+def test_popularity_prior_adds_lambda_log_weight_to_every_item(setup, strength):
+    """With an exhaustive beam the prior ranks by log P(SID) + lambda * log w(item), masked
+    and unmasked, the suffixed SIDs too."""
+    model, tok, table, tables = setup
+    weights = {i: float(1 + (7 * i) % 11) for i in table["item_id"].astype(int)}
+    ranker = Ranker(model, tok, tables, beams=20, prior=tables.prior(weights, strength))
+    prompts = prompts_for(tok, table, HISTORIES)
+    batch = ranker.encode(prompts)
+    plain, masked = ranker.search(batch), ranker.search(batch, HISTORIES)
+    for prompt, hist, got, got_masked in zip(prompts, HISTORIES, plain, masked):
+        want = sorted(((i, s + strength * math.log(weights[i])) for i, s in exhaustive(model, tok, prompt, table)),
+                      key=lambda p: -p[1])
+        assert [i for i, _ in got] == [i for i, _ in want]
+        assert [s for _, s in got] == pytest.approx([s for _, s in want], abs=1e-4)
+        want_masked = [p for p in want if p[0] not in hist]
+        assert [i for i, _ in got_masked] == [i for i, _ in want_masked]
+
+
+def test_popularity_prior_zero_is_no_prior_and_bad_weights_are_one_line(setup):
+    model, tok, table, tables = setup
+    assert tables.prior({i: 1.0 for i in range(14)}, 0.0) is None
+    with pytest.raises(TTDSError, match="no weight for item 13"):
+        tables.prior({i: 1.0 for i in range(13)}, 1.0)
+    with pytest.raises(TTDSError, match="positive finite"):
+        tables.prior([0.0] * 14, 1.0)
+    with pytest.raises(TTDSError, match="expected a finite number >= 0"):
+        tables.prior([1.0] * 14, -1.0)
 
 
 def test_small_beam_returns_distinct_real_items_deterministically(setup):

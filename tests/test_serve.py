@@ -103,3 +103,31 @@ def test_partial_cache_serves_other_users_with_the_model(rec, dirs, capsys):  # 
     assert source == "model" and "not in the top-K cache" in capsys.readouterr().err
     _, _, source = serve.recommend(params, str(cached[0]), 2, rec=rec, **dirs)
     assert source == "cache"
+
+
+def test_popularity_prior_in_serving_counts_every_interaction_and_changes_the_cache_key(rec, dirs):  # noqa: F811
+    import math
+
+    from test_ranker import exhaustive
+
+    params = copy.deepcopy(SERVE_PARAMS)
+    params["eval"].update(popularity_prior=1.5, beams=20)
+    case = serve.serving_cases(SEQUENCES, 3, users=[2])
+    with pytest.raises(TTDSError, match="needs the users' sequences"):
+        serve.rank_users(params, case, rec=rec)
+    got = serve.rank_users(params, case, rec=rec, sequences=SEQUENCES)[0]
+    counts = {i: 0 for i in range(14)}
+    for items in SEQUENCES["items"]:       # serving: validation and test items are the past too
+        for i in items:
+            counts[i] += 1
+    from ttds_core.ranker import PromptBuilder
+
+    build = PromptBuilder(rec.tokenizer, rec.item_sids, rec.user_sids, 0)
+    scored = exhaustive(rec.model, rec.tokenizer, build(2, case[0].history), rec.item_sids)
+    want = sorted(((i, s + 1.5 * math.log(counts[i] + 1)) for i, s in scored if i not in case[0].seen),
+                  key=lambda p: -p[1])
+    assert [i for i, _ in got] == [i for i, _ in want[:5]]
+    assert [s for _, s in got] == pytest.approx([s for _, s in want[:5]], abs=1e-4)
+    paths = {k: v for k, v in dirs.items() if k not in ("processed_dir", "out_dir")}
+    assert serve.fingerprint(params, **paths, processed_dir=dirs["processed_dir"]) != serve.fingerprint(
+        SERVE_PARAMS, **paths, processed_dir=dirs["processed_dir"])

@@ -47,6 +47,15 @@ def select_users(sequences: pd.DataFrame, max_users: int | None, seed: int,
     return seqs
 
 
+def item_counts(sequences: pd.DataFrame, n_items: int, upto: int | None = -2) -> np.ndarray:
+    """Interactions per item id over `items[:upto]` of every user: `upto=-2` counts the
+    training part only (no validation or test target, what MostPop and the evaluation's
+    popularity prior use); `upto=None` counts everything (serving)."""
+    parts = [np.asarray(list(s)[:upto], dtype=np.int64) for s in sequences["items"]]
+    flat = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    return np.bincount(flat, minlength=n_items).astype(np.float64)
+
+
 def eval_cases(sequences: pd.DataFrame, split: str, max_history: int) -> list[Case]:
     end = _TARGET_POS[split]
     cases = []

@@ -110,6 +110,49 @@ def grid(variant: Optional[list[str]] = typer.Option(None, help="variant to run 
         _resolve("ttds_core.grid:grid_cli")(variant, dry_run=dry_run, force=force, queue=queue)
 
 
+gpu = typer.Typer(no_args_is_help=True, help="The budgeted GPU recipe (docs/gpu-runs.md): pack here, run there, "
+                                             "unpack the result here.")
+app.add_typer(gpu, name="gpu")
+
+
+@gpu.command("pack")
+def gpu_pack(params: str = typer.Option("params.yaml", help="params file"),
+             preset: str = typer.Option("presets/gpu.yaml", help="params preset laid over it ('' for none)"),
+             set_: Optional[list[str]] = typer.Option(None, "--set", help="KEY=VALUE over params and preset (repeatable)"),
+             out: str = typer.Option(".gpu/bundle", help="folder of the parts (part-1/, part-2/, ...)"),
+             part_mib: float = typer.Option(60.0, help="largest part in MiB"),
+             wheel: Optional[list[str]] = typer.Option(None, help="another wheel to carry (repeatable)"),
+             resume: Optional[str] = typer.Option(None, help="an unpacked result whose model a --rank-only run ranks")
+             ) -> None:
+    """Bundle backbone, raw data, wheels and run params into parts of at most --part-mib MiB."""
+    with user_errors():
+        manifest = _resolve("ttds_core.gpu_recipe:pack")(params, preset or None, set_, out, part_mib, wheel, resume)
+        print(f"{out}: {len(manifest['parts'])} parts, {manifest['bytes'] / (1 << 20):.1f} MiB "
+              f"(carry part-1, part-2, ... one per command)")
+
+
+@gpu.command("run")
+def gpu_run(bundle: str = typer.Option(".gpu/bundle", help="folder holding part-1/, part-2/, ..."),
+            out: str = typer.Option("gpu-result", help="result folder (what comes back)"),
+            minutes: float = typer.Option(9.0, help="wall-clock budget of the whole run"),
+            reserve_minutes: float = typer.Option(1.5, help="kept from training for validation, saving, ranking"),
+            set_: Optional[list[str]] = typer.Option(None, "--set", help="KEY=VALUE over the bundle's params"),
+            rank_only: bool = typer.Option(False, "--rank-only", help="rank with the bundle's --resume model, no training")
+            ) -> None:
+    """On the GPU machine: check the parts, unpack, run the stages within --minutes, write the result."""
+    with user_errors():
+        body = _resolve("ttds_core.gpu_recipe:run")(bundle, out, minutes, reserve_minutes, set_, rank_only)
+        print(f"{out}: {body['status']}; stages {body['stages']}")
+
+
+@gpu.command("unpack")
+def gpu_unpack(result: str = typer.Argument(..., help="the returned result folder"),
+               into: Optional[str] = typer.Option(None, help="where to unpack (default: RESULT/unpacked)")) -> None:
+    """Check a returned result and unpack its model, SID tables, ranks, metrics and params."""
+    with user_errors():
+        print(_resolve("ttds_core.gpu_recipe:unpack")(result, into))
+
+
 def main() -> None:
     app()
 

@@ -14,6 +14,11 @@ their trie (masked: everything the user did before the target, as the baselines 
 output); both are always written. (Masking assumes no repeat consumption, true of
 5-core Amazon sequences: a target that is also in the history can never be hit masked.)
 
+`eval.popularity_prior` = lambda > 0 ranks by log P(SID | prompt) + lambda * log(n_i + 1),
+n_i the item's number of training interactions (`items[:-2]`, as MostPop counts them: no
+validation or test target), spread over the trie so the beams are pruned with it
+(`ranker.py`, "Scores"). 0 (the default) is the model alone, as in the paper.
+
 `metrics/eval.json` also carries `popularity`: MostPop ranks of the same cases, so the
 "must beat popularity" check needs no second run.
 """
@@ -27,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .cases import SPLITS, eval_cases, select_users, target_ranks
+from .cases import SPLITS, eval_cases, item_counts, select_users, target_ranks
 from .config import get, seed_everything
 from .errors import TTDSError
 from .io import atomic_dir, read_parquet, write_json, write_parquet
@@ -48,6 +53,7 @@ class EvalSettings:
     template: int
     seed: int
     packed: bool = False      # tasks.seqrec_format: packed (the prompt format training used)
+    popularity_prior: float = 0.0  # lambda of the popularity prior (0 = none)
 
 
 def eval_settings(params: dict) -> EvalSettings:
@@ -64,7 +70,8 @@ def eval_settings(params: dict) -> EvalSettings:
         max_users=get(params, "eval.max_users", int, allow_none=True, min_value=1),
         max_history=get(params, "data.max_history", int, min_value=1),
         template=get(params, "train.template", int, min_value=0), seed=get(params, "seed", int),
-        packed=seqrec_packed(params))
+        packed=seqrec_packed(params),
+        popularity_prior=get(params, "eval.popularity_prior", float, 0.0, min_value=0.0))
 
 
 def rank_table(cases: list[Case], ranks: dict[bool, list[int | None]]) -> pd.DataFrame:
@@ -95,8 +102,7 @@ def popularity_ranks(sequences: pd.DataFrame, cases: list[Case], n_items: int) -
     of training interactions (`items[:-2]` of every user), ties by lower item id;
     masked = the case's `seen` items removed. A reference point computed with the model's
     own ranks, so "beats popularity" is checked on exactly the same users."""
-    counts = np.bincount(np.concatenate([np.asarray(s[:-2], dtype=np.int64) for s in sequences["items"]]),
-                         minlength=n_items).astype(np.float64)
+    counts = item_counts(sequences, n_items)
     key = counts - np.arange(len(counts)) / (len(counts) + 1.0)  # strict order: ties -> lower id first
     order = np.argsort(-key, kind="stable")
     position = np.empty(len(order), dtype=np.int64)
@@ -113,7 +119,10 @@ def evaluate(rec, sequences: pd.DataFrame, cfg: EvalSettings, progress: bool = F
     """Rank every selected user's validation and test target; return (metrics, ranks)."""
     start = time.perf_counter()
     users = select_users(sequences, cfg.max_users, cfg.seed)
-    ranker, tables = ranker_for(rec.model, rec.tokenizer, rec.item_sids, cfg.beams, cfg.scoring)
+    n_items = 1 + max(max(int(i) for i in rec.item_sids["item_id"]),
+                      max(int(i) for items in sequences["items"] for i in items))
+    ranker, tables = ranker_for(rec.model, rec.tokenizer, rec.item_sids, cfg.beams, cfg.scoring,
+                                popularity=item_counts(sequences, n_items) + 1.0, prior=cfg.popularity_prior)
     unknown = next((i for items in users["items"] for i in items if int(i) not in tables), None)
     if unknown is not None:
         raise TTDSError(f"sequences.parquet: item {unknown} has no SID in the model's item table "
@@ -123,7 +132,6 @@ def evaluate(rec, sequences: pd.DataFrame, cfg: EvalSettings, progress: bool = F
     ranked = rank_cases(ranker, builder, cases, cfg.batch_size, progress="evaluate" if progress else None)
     ranks = rank_table(cases, target_ranks(cases, ranked))
     metrics = metrics_of(ranks, cfg.ks)
-    n_items = 1 + max(max(tables.sequences), max(int(i) for items in sequences["items"] for i in items))
     metrics["popularity"] = metrics_of(rank_table(cases, popularity_ranks(sequences, cases, n_items)), cfg.ks)
     metrics.update({
         "users": int(len(users)),
@@ -133,6 +141,7 @@ def evaluate(rec, sequences: pd.DataFrame, cfg: EvalSettings, progress: bool = F
         "items": len(tables),
         "beams": cfg.beams,
         "scoring": cfg.scoring,
+        "popularity_prior": cfg.popularity_prior,
         "mask_history": cfg.mask_history,
         "headline": "test_masked" if cfg.mask_history else "test",
         "user_tower": builder.user_sid is not None,

@@ -147,8 +147,8 @@ def run(params: dict, data_dir: str | Path = "data", metrics_dir: str | Path = "
 
     live = None
     if main:
-        from dvclive import Live
-        live = Live(str(live_dir), dvcyaml=None, save_dvc_exp=False, resume=p.resumed_from is not None, report=None)
+        from .live import open_live
+        live = open_live(str(live_dir), resume=p.resumed_from is not None)
     if main and p.resumed_from is not None:
         print(f"finetune: resuming from step {p.step} ({ckpt})", file=sys.stderr)
 
@@ -160,15 +160,43 @@ def run(params: dict, data_dir: str | Path = "data", metrics_dir: str | Path = "
     timed_out = stopped_early = False
     skipped: list[int] = []  # steps whose update was skipped for a non-finite gradient
     text_ids: dict[str, list[list[int]]] = {}  # texts tokenised once, re-embedded at every refresh
+    # steps not yet read back: (step, lr, loss names, their means on the device, non-finite flag or None)
+    pending: list[tuple[int, float, list[str], torch.Tensor, torch.Tensor | None]] = []
+    base_opt = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
 
     def out_of_time() -> bool:
         """`train.max_minutes` spent (every process decides alike: the slowest clock wins)."""
         nonlocal timed_out
         if cfg.max_minutes is None:
             return False
-        late = torch.tensor([float(time.time() - t0 > 60.0 * cfg.max_minutes)], device=device)
-        timed_out = bool(accelerator.reduce(late, "max").item() > 0)
+        late = time.time() - t0 > 60.0 * cfg.max_minutes
+        if world > 1:
+            late = accelerator.reduce(torch.tensor([float(late)], device=device), "max").item() > 0
+        timed_out = bool(late)
         return timed_out
+
+    def read_back() -> None:
+        """The pending steps' losses and skip flags to the host in one transfer (the only host
+        sync of the loop's steps), then the history rows and dvclive's curves, step by step."""
+        if not pending:
+            return
+        flat = torch.cat([torch.cat([m, (f if f is not None else torch.zeros((), device=m.device)).reshape(1).double()])
+                          for _, _, _, m, f in pending]).tolist()
+        at = 0
+        for step, lr, names, _, flag in pending:
+            values, at = flat[at:at + len(names) + 1], at + len(names) + 1
+            if flag is not None and values[-1] > 0:  # the fused step skipped this update on the device
+                skipped.append(step)
+                if main:
+                    print(f"finetune: step {step}: non-finite gradient; update skipped", file=sys.stderr)
+            row = {"step": step, "lr": lr, **{f"loss_{k}": v for k, v in zip(names, values)}}
+            p.history.append(row)
+            if live is not None:
+                for k, v in row.items():
+                    if k != "step":
+                        live.log_metric(f"train/{k}", v)
+                live.next_step()
+        pending.clear()
 
     for epoch in range(epoch0, cfg.epochs):
         if done:
@@ -185,40 +213,46 @@ def run(params: dict, data_dir: str | Path = "data", metrics_dir: str | Path = "
                      for j, t in zip(idx, tmpl)]
             inputs, n_tokens = step_inputs(pairs, index, tokenizer, cfg, inner.sid, p.step, b, device)
             t_step = time.time()
+            flag = None
             with accelerator.accumulate(module):
                 losses = module(**inputs)
                 accelerator.backward(losses["total"])
-                finite = True
                 if accelerator.sync_gradients:
                     norm = accelerator.clip_grad_norm_(module.parameters(),
                                                        cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
-                    finite = bool(torch.isfinite(norm))
-                if finite:
-                    optimizer.step()
-                else:  # one inf/NaN gradient would poison every weight through the clipping
-                    skipped.append(p.step + 1)
-                    if main:
-                        report_non_finite(inner, p.step + 1)
+                    if cfg.fused_optimizer:
+                        # decided on the device: the fused kernel skips the update where found_inf
+                        # is 1 (one inf/NaN gradient would poison every weight through the clipping)
+                        flag = (~torch.isfinite(norm)).float().reshape(())
+                        base_opt.found_inf = flag
+                        optimizer.step()
+                    elif bool(torch.isfinite(norm)):
+                        optimizer.step()
+                    else:
+                        skipped.append(p.step + 1)
+                        if main:
+                            report_non_finite(inner, p.step + 1)
+                else:
+                    optimizer.step()  # accelerate skips it between accumulation boundaries
                 optimizer.zero_grad()
             t_compute += time.time() - t_step
             tokens_seen += n_tokens
-            for k, v in losses.items():  # read back once per step, below: each read is a host sync
+            for k, v in losses.items():
                 window.setdefault(k, []).append(v.detach())
             if not accelerator.sync_gradients:
                 continue
             scheduler.step()
             p.step += 1
             bar.update(1)
-            means = torch.stack([torch.stack(v).double().mean() for v in window.values()]).tolist()
-            row = {"step": p.step, "lr": scheduler.get_last_lr()[0], **{f"loss_{k}": m for k, m in zip(window, means)}}
+            pending.append((p.step, scheduler.get_last_lr()[0], list(window),
+                            torch.stack([torch.stack(v).double().mean() for v in window.values()]), flag))
             window = {}
-            p.history.append(row)
-            if live is not None:
-                for k, v in row.items():
-                    if k != "step":
-                        live.log_metric(f"train/{k}", v)
-                live.next_step()
-            if cfg.dynamic and refresh_due(p.step, samples_per_step, cfg.refresh_samples) and p.step < total_steps:
+            refresh = cfg.dynamic and refresh_due(p.step, samples_per_step, cfg.refresh_samples) and p.step < total_steps
+            checkpoint = p.step % cfg.checkpoint_every == 0
+            if p.step % cfg.log_every == 0 or refresh or checkpoint or p.step >= total_steps:
+                read_back()
+                done = p.step >= total_steps or out_of_time()
+            if refresh:
                 rec = refresh_index(inner, tokenizer, index, job.texts, params, p.step, device, text_ids)
                 if main:
                     print(f"finetune: refresh at step {p.step}: " + ", ".join(
@@ -226,15 +260,14 @@ def run(params: dict, data_dir: str | Path = "data", metrics_dir: str | Path = "
                     for k, v in rec.items():
                         if k != "step":
                             live.log_metric(f"index/{k}", v, plot=False)
-            done = p.step >= total_steps or out_of_time()
-            if p.step % cfg.checkpoint_every == 0 and not done:
+            if checkpoint and not done:
                 p.epoch, p.batch = epoch, b + 1
                 if main:
-                    save_checkpoint(ckpt, inner, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
-                                    scheduler, index, p, stamp)
+                    save_checkpoint(ckpt, inner, base_opt, scheduler, index, p, stamp)
                 accelerator.wait_for_everyone()
             if done:
                 break
+        read_back()  # before validation: the history is whole at every epoch end
         # epoch end (or the last step): validation and best-state bookkeeping
         metrics = validate(inner, tokenizer, job.val, index, cfg, max_history, device)
         if main and metrics:

@@ -299,7 +299,9 @@ def make_optimizer(module: TTDSModule, cfg: TrainConfig) -> torch.optim.Optimize
     spec = [{"params": groups["lora"], "lr": cfg.lr, "weight_decay": cfg.weight_decay},
             {"params": groups["rows"], "lr": cfg.embedding_lr, "weight_decay": 0.0},
             {"params": groups["quantizer"], "lr": cfg.quantizer_lr, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in spec if g["params"]])
+    # fused: one kernel per parameter group instead of a dozen operators per tensor, and it
+    # can skip a non-finite update on the device (`found_inf`, see finetune.run)
+    return torch.optim.AdamW([g for g in spec if g["params"]], fused=True if cfg.fused_optimizer else None)
 
 
 def trainable_state(module: TTDSModule) -> dict[str, torch.Tensor]:

@@ -24,7 +24,13 @@ the constraint. Here, as in YouTube's STATIC and NVIDIA's `sid_gr`:
   and unmasked rankings reuse one prefill.
 
 Scores. A ranked item's score is the sum of the log-probabilities of its SID tokens and
-the EOS that closes it. `scoring="full"` normalises every step over the whole vocabulary
+the EOS that closes it, plus, with a popularity prior (`Prior`, `eval.popularity_prior` =
+lambda > 0), lambda * log(weight of the item): the search then ranks by
+log P(SID | prompt) + lambda * log w(item), a product of the model and a popularity
+distribution. The prior is spread over the trie so that beams are pruned by it too: a
+step into node n adds lambda * (log W(n) - log W(parent)), where W(n) is the summed weight
+of the items below n, and closing an item adds lambda * (log w(item) - log W(node)); the
+terms telescope to lambda * log w(item). `scoring="full"` normalises every step over the whole vocabulary
 (the model's exact likelihood, paper eq. 9); `scoring="sid"` normalises over the tokens that
 occur in some item SID plus EOS (the candidates constrained decoding can pick; training's
 `loss.sid_softmax: sid` normalises over all SID rows plus EOS, a superset), so the LM head is
@@ -184,6 +190,42 @@ class SidTables:
         pos = torch.searchsorted(keys, want).clamp(max=keys.numel() - 1)
         return torch.where(keys[pos] == want, vals[pos].long(), torch.full_like(want, -1))
 
+    def prior(self, weights: Mapping[int, float] | np.ndarray, strength: float) -> Prior | None:
+        """The popularity prior lambda * log w(item) for these tables (None when lambda = 0).
+
+        `weights[item]` > 0 for every item of the tables (e.g. its training count + 1); items
+        the tables do not hold are ignored."""
+        strength = float(strength)
+        if not np.isfinite(strength) or strength < 0:
+            raise TTDSError(f"popularity prior strength {strength!r}, expected a finite number >= 0")
+        if strength == 0.0:
+            return None
+        items = sorted(self.sequences)
+        if isinstance(weights, Mapping):
+            missing = next((i for i in items if i not in weights), None)
+            if missing is not None:
+                raise TTDSError(f"popularity prior: no weight for item {missing}")
+            w = np.asarray([float(weights[i]) for i in items])
+        else:
+            weights = np.asarray(weights, dtype=np.float64)
+            if weights.ndim != 1 or len(weights) <= items[-1]:
+                raise TTDSError(f"popularity prior: {len(weights)} weights for item ids up to {items[-1]}")
+            w = weights[items]
+        if not np.all(np.isfinite(w) & (w > 0)):
+            raise TTDSError("popularity prior: every item weight must be a positive finite number")
+        ids = torch.as_tensor(items, dtype=torch.long, device=self.device)
+        w = torch.as_tensor(w, dtype=torch.float64, device=self.device)
+        nodes = []
+        for d in range(self.depth + 1):
+            at = self.item_nodes[ids, d]
+            inside = at >= 0
+            mass = torch.zeros(self.n_nodes[d], dtype=torch.float64, device=self.device)
+            mass.scatter_add_(0, at[inside], w[inside])
+            nodes.append((strength * mass.clamp(min=1e-300).log()).float())
+        item = torch.zeros(self.item_nodes.shape[0], dtype=torch.float32, device=self.device)
+        item[ids] = (strength * w.log()).float()
+        return Prior(nodes, item, strength)
+
     def blocked(self, excluded: Sequence[Iterable[int]]) -> "Blocked":
         """Per prompt and depth, the nodes whose every item is excluded, and the excluded ends.
 
@@ -208,6 +250,18 @@ class SidTables:
             end.scatter_add_(1, nodes.clamp(min=0), (inside & (length == d)).long())
             ends.append(end > 0)
         return Blocked(closed, ends)
+
+
+@dataclass
+class Prior:
+    """A popularity prior on the items of a `SidTables` (module docstring, "Scores").
+
+    `node[d][n]` = lambda * log W(n), W(n) the summed weight of the items at or below node n
+    of depth d; `item[i]` = lambda * log w(i) (0 for ids outside the tables)."""
+
+    node: list[torch.Tensor]
+    item: torch.Tensor
+    strength: float
 
 
 @dataclass
@@ -346,7 +400,8 @@ class PromptBatch:
 class Ranker:
     """Top-`beams` items per prompt by trie-constrained beam search (module docstring)."""
 
-    def __init__(self, model, tokenizer, tables: SidTables, beams: int, scoring: str = "full"):
+    def __init__(self, model, tokenizer, tables: SidTables, beams: int, scoring: str = "full",
+                 prior: Prior | None = None):
         from .backbone import decoder_of, hf_model
 
         if beams < 1:
@@ -354,6 +409,7 @@ class Ranker:
         if scoring not in SCORINGS:
             raise TTDSError(f"params: 'eval.scoring' = {scoring!r}, expected one of {', '.join(SCORINGS)}")
         self.model, self.tokenizer, self.tables, self.beams, self.scoring = model, tokenizer, tables, int(beams), scoring
+        self.prior = prior   # popularity prior (`SidTables.prior`), or None; may be swapped between searches
         self.hf = hf_model(model)
         self.decoder = decoder_of(self.hf)
         self._configs = _check_backbone(self.hf, self.decoder)
@@ -431,12 +487,13 @@ class Ranker:
                constrained: bool = True) -> list[list[tuple[int, float]]]:
         """Per prompt, up to `beams` distinct (item, score) pairs, best first.
 
-        `excluded[i]` are items prompt i must not get (history masking). `constrained=False`
+        `excluded[i]` are items prompt i must not get (history masking). With `self.prior`,
+        scores include lambda * log w(item) (module docstring, "Scores"). `constrained=False`
         runs the same search without the tables (every token of a depth allowed after
         every beam), for benchmarks only: its items are meaningless."""
         from transformers import DynamicCache
 
-        tab, K = self.tables, self.beams
+        tab, K, prior = self.tables, self.beams, self.prior
         B = batch.last_hidden.shape[0]
         if excluded is not None and len(excluded) != B:
             raise ValueError("one exclusion list per prompt expected")
@@ -444,7 +501,7 @@ class Ranker:
         dev = self.device
         node = torch.zeros((B, K), dtype=torch.long, device=dev)
         score = torch.full((B, K), _NEG, device=dev)
-        score[:, 0] = 0.0                              # one live beam per prompt at the root
+        score[:, 0] = 0.0 if prior is None else prior.node[0][0]  # one live beam per prompt at the root
         pool_item = torch.full((B, K), -1, dtype=torch.long, device=dev)
         pool_score = torch.full((B, K), _NEG, device=dev)
         batch_idx = torch.arange(B, device=dev)[:, None]
@@ -459,7 +516,10 @@ class Ranker:
                 ok = item >= 0
                 if blocked is not None:
                     ok &= ~blocked.ends[d][batch_idx, node]
-                fin = torch.where(ok, score + eos_lp, _NEG)
+                close = score + eos_lp
+                if prior is not None:  # lambda * (log w(item) - log W(node))
+                    close = close + prior.item[item.clamp(min=0)] - prior.node[d][node]
+                fin = torch.where(ok, close, _NEG)
                 pool_item, pool_score = _merge_pool(pool_item, pool_score, torch.where(ok, item, -1), fin, K)
             if d == tab.depth:
                 break
@@ -472,7 +532,10 @@ class Ranker:
                 width = tab.cols[d].numel()
                 child = torch.zeros((B, K, width), dtype=torch.long, device=dev)
                 ok = torch.ones((B, K, width), dtype=torch.bool, device=dev)
-            cand = torch.where(ok, score[..., None] + cols_lp, _NEG).reshape(B, -1)
+            step = score[..., None] + cols_lp
+            if prior is not None:  # lambda * (log W(child) - log W(node))
+                step = step + prior.node[d + 1][child.clamp(min=0)] - prior.node[d][node][..., None]
+            cand = torch.where(ok, step, _NEG).reshape(B, -1)
             # stable sort: among equal scores the earlier beam, then the lower token id, wins
             top = torch.sort(cand, dim=1, descending=True, stable=True).indices[:, :K]
             parent, col = top // cols_lp.shape[-1], top % cols_lp.shape[-1]
@@ -550,7 +613,14 @@ def rank_cases(ranker: Ranker, build_prompt: PromptBuilder, cases: list[Case], b
 
 
 def ranker_for(model, tokenizer, item_sids, beams: int, scoring: str,
-               source: str = "model item SID table") -> tuple[Ranker, SidTables]:
-    """The ranker of `model` over the items of `item_sids`, its tables on the model's device."""
+               source: str = "model item SID table", popularity=None, prior: float = 0.0
+               ) -> tuple[Ranker, SidTables]:
+    """The ranker of `model` over the items of `item_sids`, its tables on the model's device;
+    with `prior` = lambda > 0, a popularity prior from `popularity` (item weights)."""
     tables = build_tables(item_sids, tokenizer, next(model.parameters()).device, source)
-    return Ranker(model, tokenizer, tables, beams, scoring), tables
+    item_prior = None
+    if prior:
+        if popularity is None:
+            raise TTDSError("a popularity prior needs item weights")
+        item_prior = tables.prior(popularity, prior)
+    return Ranker(model, tokenizer, tables, beams, scoring, item_prior), tables

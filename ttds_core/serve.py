@@ -4,7 +4,9 @@ At serving time the history is the user's FULL sequence (every known interaction
 validation and test items included: they are the past by now), cut to the last
 `data.max_history` items for the prompt, as in training. With `serve.mask_history`
 the user's own items are excluded from their trie, so nothing they already have is
-recommended. Scores are the model's SID log-probabilities (`eval.scoring`).
+recommended. Scores are the model's SID log-probabilities (`eval.scoring`), plus
+lambda * log(n_i + 1) with `eval.popularity_prior` = lambda > 0, n_i counted over every
+known interaction (at serving time all of them are the past).
 
 `precompute` ranks every user once (a seeded `serve.max_users` of them when set) and
 writes `data/serving/topk.parquet` (user_id, items, scores) and `data/serving/meta.json`
@@ -51,7 +53,8 @@ def serve_settings(params: dict) -> dict:
             "max_users": get(params, "serve.max_users", int, allow_none=True, min_value=1),
             "max_history": get(params, "data.max_history", int, min_value=1),
             "template": get(params, "train.template", int, min_value=0),
-            "packed": seqrec_packed(params)}
+            "packed": seqrec_packed(params),
+            "popularity_prior": get(params, "eval.popularity_prior", float, 0.0, min_value=0.0)}
 
 
 def fingerprint(params: dict, model_dir: str | Path = MODEL_DIR, backbone_dir: str | Path = BACKBONE_DIR,
@@ -83,8 +86,9 @@ def serving_cases(sequences: pd.DataFrame, max_history: int, users=None):
 
 
 def rank_users(params: dict, cases, model_dir=MODEL_DIR, backbone_dir=BACKBONE_DIR, rec=None,
-               progress: str | None = None) -> list[list[tuple[int, float]]]:
-    """Top serve.topk (item, score) per case from the model."""
+               progress: str | None = None, sequences: pd.DataFrame | None = None) -> list[list[tuple[int, float]]]:
+    """Top serve.topk (item, score) per case from the model; `sequences` (every user's
+    items) weigh the popularity prior when `eval.popularity_prior` > 0."""
     from .ranker import PromptBuilder, rank_cases, ranker_for
 
     cfg = serve_settings(params)
@@ -94,7 +98,17 @@ def rank_users(params: dict, cases, model_dir=MODEL_DIR, backbone_dir=BACKBONE_D
         if not (Path(model_dir) / "recommender.json").is_file():
             raise TTDSError(f"{model_dir}: no trained model (run the finetune stage first)")
         rec = load_recommender(params, model_dir=model_dir, backbone_dir=backbone_dir)
-    ranker, _ = ranker_for(rec.model, rec.tokenizer, rec.item_sids, cfg["beams"], cfg["scoring"])
+    weights = None
+    if cfg["popularity_prior"]:
+        from .cases import item_counts
+
+        if sequences is None:
+            raise TTDSError("a popularity prior needs the users' sequences to count items")
+        n_items = 1 + max(max(int(i) for i in rec.item_sids["item_id"]),
+                          max(int(i) for items in sequences["items"] for i in items))
+        weights = item_counts(sequences, n_items, upto=None) + 1.0
+    ranker, _ = ranker_for(rec.model, rec.tokenizer, rec.item_sids, cfg["beams"], cfg["scoring"],
+                           popularity=weights, prior=cfg["popularity_prior"])
     builder = PromptBuilder(rec.tokenizer, rec.item_sids, rec.user_sids, cfg["template"], cfg["packed"])
     mode = cfg["mask_history"]
     ranked = rank_cases(ranker, builder, cases, cfg["batch_size"], modes=(mode,), progress=progress)[mode]
@@ -113,7 +127,7 @@ def run_precompute(params: dict, model_dir=MODEL_DIR, backbone_dir=BACKBONE_DIR,
     # every user, or a seeded sample (CPU budgets); users outside the cache are served by the model
     users = select_users(sequences, cfg["max_users"], get(params, "seed", int), "sequences.parquet")
     cases = serving_cases(users, cfg["max_history"])
-    ranked = rank_users(params, cases, model_dir, backbone_dir, rec=rec, progress="precompute")
+    ranked = rank_users(params, cases, model_dir, backbone_dir, rec=rec, progress="precompute", sequences=sequences)
     table = pd.DataFrame({"user_id": [c.user_id for c in cases],
                           "items": [[i for i, _ in r] for r in ranked],
                           "scores": [[float(s) for _, s in r] for r in ranked]})
@@ -179,7 +193,7 @@ def recommend(params: dict, user: str, k: int, processed_dir=PROCESSED_DIR, mode
     cases = serving_cases(sequences, cfg["max_history"], users=[user_id])
     if not cases:
         raise TTDSError(f"user {user!r}: no interactions in {processed_dir / 'sequences.parquet'}")
-    ranked = rank_users(params, cases, model_dir, backbone_dir, rec=rec)[0]
+    ranked = rank_users(params, cases, model_dir, backbone_dir, rec=rec, sequences=sequences)[0]
     return user_id, ranked[:k], "model"
 
 

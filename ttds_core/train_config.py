@@ -58,6 +58,8 @@ class TrainConfig:
     patience: int | None = None
     packing: bool = False
     user_dropout: float = 0.0
+    fused_optimizer: bool = False
+    log_every: int = 1
 
     @classmethod
     def from_params(cls, params: dict) -> "TrainConfig":
@@ -105,6 +107,8 @@ class TrainConfig:
             patience=get(params, "train.patience", int, None, allow_none=True, min_value=1),
             packing=get(params, "train.packing", bool),
             user_dropout=get(params, "train.user_token_dropout", float, 0.0, min_value=0.0),
+            fused_optimizer=get(params, "train.fused_optimizer", bool, False),
+            log_every=get(params, "train.log_every", int, 1, min_value=1),
         )
         return cfg
 
@@ -113,7 +117,7 @@ class TrainConfig:
 RESUME_KEYS = ("seed", "model", "index", "tower", "tasks", "loss", "init", "lora", "train", "data.max_history",
                "eval.beams", "eval.scoring", "eval.batch_size", "eval.mask_history",  # validation picks the best
                "embed.batch_size")                                                   # the index refresh re-embeds
-NOT_RESUME_KEYS = ("train.checkpoint_every", "train.threads", "train.max_minutes")
+NOT_RESUME_KEYS = ("train.checkpoint_every", "train.threads", "train.max_minutes", "train.log_every")
 # Input folders whose content determines training (the upstream stages' outputs): a checkpoint
 # made from other files (other data, other SIDs after a warmup change...) is not resumed.
 INPUT_DIRS = {"data/processed": "processed", "data/embeddings": "embeddings", "data/quantizer": "quantizer",

@@ -156,9 +156,9 @@ def summarise(history: list[dict], length: int) -> dict:
 
 def _log_histories(histories: dict, path: str) -> None:
     """dvclive curves, one step per epoch, towers side by side (item/loss, user/loss, ...)."""
-    from dvclive import Live
+    from .live import open_live
 
-    with Live(path, dvcyaml=None, save_dvc_exp=False, report=None) as live:
+    with open_live(path) as live:
         steps = max(len(h) for h in histories.values())
         for step in range(steps):
             for tower, history in histories.items():

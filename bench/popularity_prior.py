@@ -1,0 +1,114 @@
+"""Choose the popularity prior's strength on validation: one prefill, every lambda.
+
+    python -m bench.popularity_prior --root <workspace> [--lambdas 0 0.1 0.2 ...]
+                                     [--out docs/bench/benchmark/popularity_prior.json]
+
+Ranks every user's **validation** case with the trained TTDS of the workspace at `--root`
+(`data/model`, `data/processed`, `params.yaml`) once per lambda of `eval.popularity_prior`
+(ranking by log P(SID | prompt) + lambda * log(training count + 1), `ttds_core/ranker.py`),
+masked and unmasked, each batch prefilled once for all of them. It reports HR@1/5/10 and
+NDCG@5/10 per lambda, NDCG@10 by the validation target's popularity (three equal groups of
+users: tail, middle, head), the paired Wilcoxon p of each lambda against lambda = 0, and
+the lambda with the best unmasked validation NDCG@10 (the selection rule of every model
+here). Test is not read: set the chosen value with `-S eval.popularity_prior=...` and the
+`evaluate` stage reports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from ttds_core.cases import eval_cases, item_counts, select_users
+from ttds_core.config import seed_everything
+from ttds_core.io import read_parquet, write_json
+from ttds_core.metrics import metric_table, rank_of
+
+DEFAULT_LAMBDAS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
+
+
+def ndcg10(ranks: list[int | None]) -> np.ndarray:
+    return np.asarray([1.0 / np.log2(r + 1.0) if r is not None and r <= 10 else 0.0 for r in ranks])
+
+
+def popularity_groups(counts: np.ndarray, targets: list[int]) -> np.ndarray:
+    """0 / 1 / 2 = tail / middle / head third of the cases by their target's training count."""
+    order = np.argsort(counts[np.asarray(targets)], kind="stable")
+    groups = np.empty(len(targets), dtype=np.int64)
+    groups[order] = np.arange(len(targets)) * 3 // max(len(targets), 1)
+    return groups
+
+
+def main(argv=None) -> dict:
+    from scipy import stats
+    from tqdm.auto import tqdm
+
+    from ttds_core.evaluate import eval_settings
+    from ttds_core.ranker import PromptBuilder, ranker_for
+    from ttds_core.recommender import load_recommender
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--root", default=".", help="the workspace holding the trained TTDS")
+    ap.add_argument("--lambdas", type=float, nargs="+", default=list(DEFAULT_LAMBDAS))
+    ap.add_argument("--out", default="docs/bench/benchmark/popularity_prior.json")
+    ap.add_argument("--max-users", type=int, default=None, help="a seeded sample of N users (a smoke test)")
+    args = ap.parse_args(argv)
+    lambdas = sorted(set(args.lambdas) | {0.0})
+    root = Path(args.root)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    cfg = eval_settings(params)
+    seed_everything(cfg.seed)
+    sequences = read_parquet(root / "data" / "processed" / "sequences.parquet", ["user_id", "items"])
+    users = select_users(sequences, args.max_users or cfg.max_users, cfg.seed)
+    cases = eval_cases(users, "valid", cfg.max_history)
+    rec = load_recommender(params, model_dir=root / "data" / "model", backbone_dir=root / "data" / "backbone")
+    n_items = 1 + max(max(int(i) for i in rec.item_sids["item_id"]),
+                      max(int(i) for items in sequences["items"] for i in items))
+    counts = item_counts(sequences, n_items)          # training interactions only: no target leaks
+    ranker, tables = ranker_for(rec.model, rec.tokenizer, rec.item_sids, cfg.beams, cfg.scoring)
+    priors = {lam: tables.prior(counts + 1.0, lam) for lam in lambdas}
+    builder = PromptBuilder(rec.tokenizer, rec.item_sids, rec.user_sids, cfg.template, cfg.packed)
+    prompts = [builder(c.user_id, c.history) for c in cases]
+    order = sorted(range(len(cases)), key=lambda i: (len(prompts[i]), i))
+    ranks = {(lam, m): [None] * len(cases) for lam in lambdas for m in (False, True)}
+    batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+    for idx in tqdm(batches, desc="validation", unit="batch"):
+        batch = ranker.encode([prompts[i] for i in idx])
+        for lam in lambdas:
+            ranker.prior = priors[lam]
+            for masked in (False, True):
+                excluded = [cases[i].seen for i in idx] if masked else None
+                for i, ranked in zip(idx, ranker.search(batch, excluded)):
+                    ranks[(lam, masked)][i] = rank_of(cases[i].target, [item for item, _ in ranked])
+    groups = popularity_groups(counts, [c.target for c in cases])
+    base = {m: ndcg10(ranks[(0.0, m)]) for m in (False, True)}
+    rows = []
+    for lam in lambdas:
+        row = {"lambda": lam}
+        for masked in (False, True):
+            key = "valid_masked" if masked else "valid"
+            row[key] = metric_table(ranks[(lam, masked)], cfg.ks)
+            nd = ndcg10(ranks[(lam, masked)])
+            row[key + "_vs_lambda0_wilcoxon_p"] = (float(stats.wilcoxon(nd, base[masked]).pvalue)
+                                                  if np.any(nd != base[masked]) else 1.0)
+            if not masked:
+                row["valid_NDCG@10_by_target_popularity"] = {
+                    name: round(float(nd[groups == g].mean()), 4) for g, name in enumerate(("tail", "middle", "head"))}
+        rows.append(row)
+        print(f"lambda {lam:5.2f}  valid NDCG@10 {row['valid']['NDCG@10']:.4f}  HR@10 {row['valid']['HR@10']:.4f}  "
+              f"masked NDCG@10 {row['valid_masked']['NDCG@10']:.4f}  p {row['valid_vs_lambda0_wilcoxon_p']:.3g}  "
+              f"tail/middle/head {row['valid_NDCG@10_by_target_popularity']}")
+    best = max(rows, key=lambda r: (r["valid"]["NDCG@10"], -r["lambda"]))  # ties: the weaker prior
+    result = {"root": str(root), "split": "valid", "users": len(cases), "beams": cfg.beams, "scoring": cfg.scoring,
+              "selection": "best unmasked validation NDCG@10 (ties: smaller lambda)",
+              "chosen_lambda": best["lambda"], "rows": rows}
+    print(f"chosen on validation: eval.popularity_prior = {best['lambda']}")
+    write_json(args.out, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
