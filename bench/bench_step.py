@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import json
 import time
 from pathlib import Path
@@ -41,7 +40,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ttds_core import dynamic, finetune, tasks
 from ttds_core.batches import dm_entities, epoch_batches, step_inputs
-from ttds_core.config import get, load_params, seed_everything
+from ttds_core.config import get, load_params, seed_everything, with_overrides
 from ttds_core.model import make_optimizer
 from ttds_core.train_config import TrainConfig
 
@@ -68,17 +67,6 @@ class SyncCounter(TorchDispatchMode):
             yield
         finally:
             self._paused = False
-
-
-def with_overrides(params: dict, overrides: dict) -> dict:
-    out = copy.deepcopy(params)
-    for key, value in overrides.items():
-        node = out
-        *path, last = key.split(".")
-        for part in path:
-            node = node[part]
-        node[last] = value
-    return out
 
 
 def measure(params: dict, batch_size: int, steps: int) -> dict:

@@ -1,6 +1,6 @@
 """Choose the popularity prior's strength on validation: one prefill, every lambda.
 
-    python -m bench.popularity_prior --root <workspace> [--lambdas 0 0.1 0.2 ...]
+    python -m bench.popularity_prior --root <workspace> [--lambdas 0 0.1 0.2 ...] [--beams N]
                                      [--out docs/bench/benchmark/popularity_prior.json]
 
 Ranks every user's **validation** case with the trained TTDS of the workspace at `--root`
@@ -27,7 +27,7 @@ from ttds_core.config import seed_everything
 from ttds_core.io import read_parquet, write_json
 from ttds_core.metrics import metric_table, rank_of
 
-DEFAULT_LAMBDAS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
+DEFAULT_LAMBDAS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0)
 
 
 def ndcg10(ranks: list[int | None]) -> np.ndarray:
@@ -55,10 +55,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--lambdas", type=float, nargs="+", default=list(DEFAULT_LAMBDAS))
     ap.add_argument("--out", default="docs/bench/benchmark/popularity_prior.json")
     ap.add_argument("--max-users", type=int, default=None, help="a seeded sample of N users (a smoke test)")
+    ap.add_argument("--beams", type=int, default=None, help="beam width (default: the workspace's eval.beams)")
     args = ap.parse_args(argv)
     lambdas = sorted(set(args.lambdas) | {0.0})
     root = Path(args.root)
     params = yaml.safe_load((root / "params.yaml").read_text())
+    if args.beams is not None:
+        params["eval"]["beams"] = args.beams
     cfg = eval_settings(params)
     seed_everything(cfg.seed)
     sequences = read_parquet(root / "data" / "processed" / "sequences.parquet", ["user_id", "items"])

