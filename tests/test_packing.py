@@ -99,3 +99,26 @@ def test_packed_step_equals_the_padded_step(tiny_lm, softmax):
     assert set(g_packed) == set(g_padded) and any("lora" in n for n in g_packed)
     for n in g_padded:
         torch.testing.assert_close(g_packed[n], g_padded[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_mask_built_on_the_device_equals_transformers_own(tiny_lm, attn, monkeypatch):
+    """The packed rows' 4D mask (`model.packed_mask`, no host sync) gives the very losses
+    transformers computes when it finds the sequences in the position ids itself."""
+    from ttds_core import model as ttds_model
+
+    model, tok = tiny_lm
+    model.config._attn_implementation = attn
+    lm, sid, ids = _extended(model, tok, tie=True)
+    lm.eval()
+    cfg = SimpleNamespace(sid_softmax="sid", alpha=0.1, beta=0.25, max_response_tokens=6, seed=0,
+                          towers=["item", "user"], dmvae_batch=3)
+    module = TTDSModule(lm, sid, cfg, tok.eos_token_id)
+    batch, dm_x = batches.packed_batch(_pairs(tok, ids), {}, tok, cfg, sid)
+    ours = module(packed=batch, dm_x=dm_x)
+    mask = ttds_model.packed_mask(batch.position_ids, model.config, torch.float32)
+    assert mask is not None and mask.shape[-2:] == (batch.input_ids.shape[1],) * 2
+    monkeypatch.setattr(ttds_model, "packed_mask", lambda *args: None)
+    theirs = module(packed=batch, dm_x=dm_x)
+    for k in ours:
+        torch.testing.assert_close(ours[k], theirs[k], rtol=0, atol=1e-6)

@@ -186,8 +186,10 @@ class TTDSModule(nn.Module):
 
     def packed_forward(self, batch: packing.PackedBatch, dm_x: dict) -> dict:
         """The same losses from one forward of a packed batch (`packing`)."""
-        hidden = decoder_of(self.lm)(input_ids=batch.input_ids, position_ids=batch.position_ids,
-                                     use_cache=False).last_hidden_state
+        decoder = decoder_of(self.lm)
+        hidden = decoder(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
+                         attention_mask=packed_mask(batch.position_ids, decoder.config,
+                                                    decoder.get_input_embeddings().weight.dtype)).last_hidden_state
         flat = hidden.reshape(-1, hidden.shape[-1])
         total, _ = label_cross_entropy(self.lm, self.sid, self.eos_id, flat[batch.coded_pos], batch.coded_target,
                                        flat[batch.text_pos], batch.text_target)
@@ -195,6 +197,25 @@ class TTDSModule(nn.Module):
                             [dynamic.dmvae_terms(packing.mean_pool(flat, positions, slots, counts),
                                                  self.sid.quantizers[tower], dm_x[tower])
                              for tower, (positions, slots, counts) in batch.pools.items()])
+
+
+def packed_mask(position_ids: torch.Tensor, config, dtype: torch.dtype) -> torch.Tensor | None:
+    """The 4D attention mask of packed rows, built on the device: a token attends to the
+    earlier tokens of its own sequence (a sequence starts where its position id is 0).
+    Given no mask, transformers finds the sequences itself, reading the position ids back
+    to the host (a sync every step); this is the same mask without it. sdpa takes it as
+    booleans, eager as an additive mask; other kernels (flash) keep their own varlen path."""
+    kind = getattr(config, "_attn_implementation", None)
+    if kind not in ("sdpa", "eager"):
+        return None
+    seq = (position_ids == 0).cumsum(-1)                                        # [B, T]
+    width = position_ids.shape[-1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=position_ids.device).tril()
+    allowed = (seq[:, :, None] == seq[:, None, :]) & causal                       # [B, T, T]
+    if kind == "sdpa":
+        return allowed[:, None]
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min)[:, None]
 
 
 # ---------------------------------------------------------------- set-up
