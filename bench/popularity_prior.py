@@ -105,7 +105,7 @@ def main(argv=None) -> dict:
               f"masked NDCG@10 {row['valid_masked']['NDCG@10']:.4f}  p {row['valid_vs_lambda0_wilcoxon_p']:.3g}  "
               f"tail/middle/head {row['valid_NDCG@10_by_target_popularity']}")
     best = max(rows, key=lambda r: (r["valid"]["NDCG@10"], -r["lambda"]))  # ties: the weaker prior
-    result = {"root": str(root), "split": "valid", "users": len(cases), "beams": cfg.beams, "scoring": cfg.scoring,
+    result = {"workspace": root.resolve().name, "split": "valid", "users": len(cases), "beams": cfg.beams, "scoring": cfg.scoring,
               "selection": "best unmasked validation NDCG@10 (ties: smaller lambda)",
               "chosen_lambda": best["lambda"], "rows": rows}
     print(f"chosen on validation: eval.popularity_prior = {best['lambda']}")
