@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from bench.context_shift import ndcg_hr
 from ttds_core.cases import eval_cases, item_counts, select_users
 from ttds_core.config import seed_everything
 from ttds_core.io import read_parquet, write_json
@@ -31,7 +32,8 @@ DEFAULT_LAMBDAS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0)
 
 
 def ndcg10(ranks: list[int | None]) -> np.ndarray:
-    return np.asarray([1.0 / np.log2(r + 1.0) if r is not None and r <= 10 else 0.0 for r in ranks])
+    """Per-user NDCG@10 of 1-based ranks (None: outside the beams)."""
+    return ndcg_hr(np.asarray([np.inf if r is None else r for r in ranks], dtype=float))[0]
 
 
 def popularity_groups(counts: np.ndarray, targets: list[int]) -> np.ndarray:

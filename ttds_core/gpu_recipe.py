@@ -220,7 +220,7 @@ def check_same_run(params: dict, trained: dict, where: Path) -> None:
     settings): else one line naming the first key that differs, never a silently wrong ranking."""
     mine, theirs = flatten(params), flatten(trained)
     for key in sorted(set(mine) | set(theirs)):
-        if key.startswith(RANK_FREE) or key in RANK_FREE:
+        if key.startswith(RANK_FREE):  # a prefix of itself: exact keys and whole sections
             continue
         if mine.get(key) != theirs.get(key):
             raise TTDSError(f"--resume {where}: its model was trained with {key} = {theirs.get(key)!r}, these params "
