@@ -23,7 +23,7 @@ import numpy as np
 import yaml
 
 from bench.context_shift import ndcg_hr
-from ttds_core.cases import eval_cases, item_counts, select_users
+from ttds_core.cases import eval_cases, item_counts, item_span, select_users
 from ttds_core.config import seed_everything
 from ttds_core.io import read_parquet, write_json
 from ttds_core.metrics import metric_table, rank_of
@@ -70,8 +70,7 @@ def main(argv=None) -> dict:
     users = select_users(sequences, args.max_users or cfg.max_users, cfg.seed)
     cases = eval_cases(users, "valid", cfg.max_history)
     rec = load_recommender(params, model_dir=root / "data" / "model", backbone_dir=root / "data" / "backbone")
-    n_items = 1 + max(max(int(i) for i in rec.item_sids["item_id"]),
-                      max(int(i) for items in sequences["items"] for i in items))
+    n_items = item_span(rec.item_sids["item_id"], sequences)
     counts = item_counts(sequences, n_items)          # training interactions only: no target leaks
     ranker, tables = ranker_for(rec.model, rec.tokenizer, rec.item_sids, cfg.beams, cfg.scoring)
     priors = {lam: tables.prior(counts + 1.0, lam) for lam in lambdas}

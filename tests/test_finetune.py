@@ -367,6 +367,38 @@ def test_log_every_reads_back_later_but_records_the_same_history(toy_root, tmp_p
     assert a["history"][0] == c["history"][0]  # the first loss comes before any update
 
 
+def test_warm_start_goes_on_from_a_saved_model_and_refuses_another(project, capsys):
+    from ttds_core.errors import TTDSError
+
+    finetune.run(_dynamic_params())  # a trained model: its SID tables moved at the refreshes
+    shutil.copytree("data/model", "first")
+    first = load_tensors("first/trainable.safetensors")
+    assert first and any("lora_" in k for k in first) and any(k.startswith("sid.") or ".sid." in k for k in first)
+    # two items swap SIDs in the saved table: the warm start must take the model's table, not data/sids
+    table = read_parquet("first/item_sids.parquet")
+    table.loc[[0, 1], ["codes", "suffix", "sid"]] = table.loc[[1, 0], ["codes", "suffix", "sid"]].to_numpy()
+    table.to_parquet("first/item_sids.parquet", index=False)
+    # every learning rate 0 and no refresh: the warm-started run must save exactly what it loaded
+    frozen = _dynamic_params(**{"train.lr": 0.0, "train.embedding_lr": 0.0, "train.quantizer_lr": 0.0,
+                                "train.max_steps": 2, "index.refresh_samples": 100000})
+    finetune.run(frozen, warm_start="first")
+    assert "warm start from first" in capsys.readouterr().err
+    again = load_tensors("data/model/trainable.safetensors")
+    assert set(again) == set(first) and all(torch.equal(again[k], first[k]) for k in first)
+    saved = read_parquet("data/model/item_sids.parquet")
+    assert saved["sid"].tolist() == table["sid"].tolist() != read_parquet("data/sids/items.parquet")["sid"].tolist()
+    for name in ("user_sids.parquet", "sid_rows.safetensors"):
+        assert Path("data/model", name).read_bytes() == Path("first", name).read_bytes()
+    metrics = json.loads(Path("metrics/finetune.json").read_text())
+    assert metrics["warm_start"]["from"] == "first" and len(metrics["warm_start"]["sha256"]) == 64
+    # a model of other shapes, or a folder without the tensors: one line, nothing trained
+    with pytest.raises(TTDSError, match="does not fit this model"):
+        finetune.run(_dynamic_params(**{"lora.r": 2}), warm_start="first")
+    Path("first/trainable.safetensors").unlink()
+    with pytest.raises(TTDSError, match="no trainable.safetensors there"):
+        finetune.run(frozen, warm_start="first")
+
+
 def test_max_minutes_stops_training_early_and_still_saves(project):
     out = finetune.run(_dynamic_params(**{"train.max_minutes": 0.0, "train.val_users": 2}))
     metrics = json.loads(Path("metrics/finetune.json").read_text())

@@ -1,9 +1,11 @@
 """The budgeted GPU recipe rehearsed on the CPU: `ttds gpu pack | run | unpack` end to end on
 a tiny random LLaMA and tiny LC-Rec data, the bundle carried part by part as the device
-commands would, the return limits checked, and a ranking-only second run from the result."""
+commands would, the return limits checked, and second runs from the result: ranking only, and
+training on from it (warm start)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -94,7 +96,7 @@ def test_pack_run_unpack_and_rank_again(source, tmp_path):
     again = tmp_path / "here" / "bundle2"
     manifest2 = gpu_recipe.pack(source / "params.yaml", None, ["train.lr=0.004", "eval.batch_size=4"], again,
                                 part_mib=1, resume=unpacked, pinned=())
-    assert manifest2["rank_only_ready"]
+    assert manifest2["has_model"]
     device2 = tmp_path / "device2" / "bundle"
     carry(again, device2)
     body2 = gpu_recipe.run(device2, tmp_path / "device2" / "out", minutes=20, rank_only=True)
@@ -103,6 +105,17 @@ def test_pack_run_unpack_and_rank_again(source, tmp_path):
     pd.testing.assert_frame_equal(first, second)  # the same model ranks the same users alike
     for key in ("test", "valid", "test_masked", "valid_masked"):
         assert body2["metrics"]["eval.json"][key] == body["metrics"]["eval.json"][key]
+
+    # or a second slot trains on from the returned model (its weights and SID tables), then ranks
+    out3 = tmp_path / "device2" / "out3"
+    body3 = gpu_recipe.run(device2, out3, minutes=20, reserve_minutes=0.1, warm_start=True,
+                           sets=["train.max_steps=2"])
+    assert body3["status"] == "done" and body3["warm_start"] and list(body3["stages"]) == list(gpu_recipe.TRAIN_STAGES)
+    check_return_limits(out3)
+    warm = body3["metrics"]["finetune.json"]["warm_start"]
+    assert warm["from"] == "resume/data/model" and body3["metrics"]["finetune.json"]["steps"] == 2
+    assert warm["sha256"] == hashlib.sha256((unpacked / "data" / "model" / "trainable.safetensors").read_bytes()).hexdigest()
+    assert "warm start from resume/data/model" in (out3 / "log.txt").read_text()
 
     # a model trained with other params is not ranked as if it were this one
     with pytest.raises(TTDSError, match="train.lr"):
@@ -125,6 +138,10 @@ def test_missing_or_damaged_parts_and_bad_arguments_are_one_line(source, tmp_pat
         gpu_recipe.run(device, tmp_path / "out", minutes=5)
     with pytest.raises(TTDSError, match="--rank-only needs a bundle packed with --resume"):
         gpu_recipe.run(bundle, tmp_path / "out", minutes=5, rank_only=True)
+    with pytest.raises(TTDSError, match="--warm-start needs a bundle packed with --resume"):
+        gpu_recipe.run(bundle, tmp_path / "out", minutes=5, warm_start=True)
+    with pytest.raises(TTDSError, match="--rank-only and --warm-start: choose one"):
+        gpu_recipe.run(bundle, tmp_path / "out", minutes=5, rank_only=True, warm_start=True)
     with pytest.raises(TTDSError, match="no part-1|no manifest"):
         gpu_recipe.run(tmp_path / "nowhere", tmp_path / "out")
     with pytest.raises(TTDSError, match="--set train.nope: no such parameter"):

@@ -47,6 +47,12 @@ def select_users(sequences: pd.DataFrame, max_users: int | None, seed: int,
     return seqs
 
 
+def item_span(item_ids, sequences: pd.DataFrame) -> int:
+    """1 + the largest item id of a SID table's `item_ids` and of the sequences: the length
+    of a per-item array that every item of either can index."""
+    return 1 + max(max(int(i) for i in item_ids), max(int(i) for items in sequences["items"] for i in items))
+
+
 def item_counts(sequences: pd.DataFrame, n_items: int, upto: int | None = -2) -> np.ndarray:
     """Interactions per item id over `items[:upto]` of every user: `upto=-2` counts the
     training part only (no validation or test target, what MostPop and the evaluation's

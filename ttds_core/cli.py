@@ -66,8 +66,20 @@ def _register(name: str) -> None:
 
 
 for _name in STAGES:
-    if _name != "baseline":  # takes the model name, registered below
+    if _name not in ("baseline", "finetune"):  # they take more options, registered below
         _register(_name)
+
+
+@app.command()
+def finetune(params: str = typer.Option("params.yaml", help="params file"),
+             warm_start: Optional[str] = typer.Option(
+                 None, "--warm-start", help="a trained model folder to go on training from (fresh optimizer and "
+                 "schedule; outside the DVC pipeline: the GPU recipe's second slot)")) -> None:
+    """Run the `finetune` stage with the given params file."""
+    if warm_start is None:
+        run_stage("finetune", params)
+    else:
+        run_stage("finetune", params, warm_start=warm_start)
 
 
 @app.command()
@@ -122,7 +134,7 @@ def gpu_pack(params: str = typer.Option("params.yaml", help="params file"),
              out: str = typer.Option(".gpu/bundle", help="folder of the parts (part-1/, part-2/, ...)"),
              part_mib: float = typer.Option(60.0, help="largest part in MiB"),
              wheel: Optional[list[str]] = typer.Option(None, help="another wheel to carry (repeatable)"),
-             resume: Optional[str] = typer.Option(None, help="an unpacked result whose model a --rank-only run ranks")
+             resume: Optional[str] = typer.Option(None, help="an unpacked result whose model a --rank-only or --warm-start run uses")
              ) -> None:
     """Bundle backbone, raw data, wheels and run params into parts of at most --part-mib MiB."""
     with user_errors():
@@ -137,11 +149,14 @@ def gpu_run(bundle: str = typer.Option(".gpu/bundle", help="folder holding part-
             minutes: float = typer.Option(9.0, help="wall-clock budget of the whole run"),
             reserve_minutes: float = typer.Option(1.5, help="kept from training for validation, saving, ranking"),
             set_: Optional[list[str]] = typer.Option(None, "--set", help="KEY=VALUE over the bundle's params"),
-            rank_only: bool = typer.Option(False, "--rank-only", help="rank with the bundle's --resume model, no training")
+            rank_only: bool = typer.Option(False, "--rank-only", help="rank with the bundle's --resume model, no training"),
+            warm_start: bool = typer.Option(False, "--warm-start", help="train on from the bundle's --resume model "
+                                            "(fresh optimizer and schedule), then rank")
             ) -> None:
     """On the GPU machine: check the parts, unpack, run the stages within --minutes, write the result."""
     with user_errors():
-        body = _resolve("ttds_core.gpu_recipe:run")(bundle, out, minutes, reserve_minutes, set_, rank_only)
+        body = _resolve("ttds_core.gpu_recipe:run")(bundle, out, minutes, reserve_minutes, set_, rank_only,
+                                                            warm_start)
         print(f"{out}: {body['status']}; stages {body['stages']}")
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .cases import SPLITS, eval_cases, item_counts, select_users, target_ranks
+from .cases import SPLITS, eval_cases, item_counts, item_span, select_users, target_ranks
 from .config import get, seed_everything
 from .errors import TTDSError
 from .io import atomic_dir, read_parquet, write_json, write_parquet
@@ -119,8 +119,7 @@ def evaluate(rec, sequences: pd.DataFrame, cfg: EvalSettings, progress: bool = F
     """Rank every selected user's validation and test target; return (metrics, ranks)."""
     start = time.perf_counter()
     users = select_users(sequences, cfg.max_users, cfg.seed)
-    n_items = 1 + max(max(int(i) for i in rec.item_sids["item_id"]),
-                      max(int(i) for items in sequences["items"] for i in items))
+    n_items = item_span(rec.item_sids["item_id"], sequences)
     ranker, tables = ranker_for(rec.model, rec.tokenizer, rec.item_sids, cfg.beams, cfg.scoring,
                                 popularity=item_counts(sequences, n_items) + 1.0, prior=cfg.popularity_prior)
     unknown = next((i for items in users["items"] for i in items if int(i) not in tables), None)

@@ -27,6 +27,15 @@ same model as an uninterrupted run (the checkpoint also holds the best validated
 checkpoint made from anything else is set aside (`last.stale`) with one line and never resumed.
 `train.patience` stops after that many epoch-end validations without a better score (a tie
 counts as better: the score's last component, the validation loss, rarely ties).
+
+Warm start (`ttds finetune --warm-start <model folder>`, outside the DVC pipeline: the GPU
+recipe's second slot): training starts from a trained model folder's trainable tensors and
+SID tables (`recommender`: `trainable.safetensors`, `*_sids.parquet`) instead of fresh LoRA
+weights and warm-up's index, with a fresh optimizer and learning-rate schedule over
+`train.epochs`. The model must have been made with the same model, LoRA, index and tower
+params and the same data (checked); the cached X of the items and users is the embed stage's
+until the first refresh. Not the uninterrupted run's result: Adam's moments, the position in
+the schedule and the data order start again (they cannot travel back from a GPU slot).
 """
 
 from __future__ import annotations
@@ -86,6 +95,37 @@ def prepare(params: dict, cfg: TrainConfig, data_dir: Path, max_history: int, de
     return Job(data, samples, weights, val, texts, index, tokenizer, module)
 
 
+def apply_warm_start(module: TTDSModule, index: IndexState, folder: Path) -> str:
+    """Load a trained model folder's trainable tensors into `module` and its SID tables into
+    `index` (module docstring, "Warm start"); returns the tensors' sha256."""
+    import hashlib
+
+    from .dynamic import sid_strings
+    from .io import load_tensors, read_parquet
+    from .model import TOWER_FILES
+    from .recommender import SID_COLUMNS
+
+    path = folder / "trainable.safetensors"
+    if not path.is_file():
+        raise TTDSError(f"--warm-start {folder}: no trainable.safetensors there (a model folder written by finetune)")
+    state, own = load_tensors(path), trainable_state(module)
+    odd = sorted(set(own) ^ set(state)) or [k for k in sorted(own) if own[k].shape != state[k].shape]
+    if odd:
+        raise TTDSError(f"--warm-start {folder}: its tensor {odd[0]} does not fit this model (it needs the same "
+                        f"model, lora, index and tower params)")
+    module.load_state_dict(state, strict=False)
+    for tower in list(index.tables):
+        key = TOWER_FILES[tower][1]
+        table = read_parquet(folder / f"{tower}_sids.parquet", SID_COLUMNS[tower])
+        table = table[SID_COLUMNS[tower]].sort_values(key).reset_index(drop=True)
+        if len(table) != len(index.tables[tower]):
+            raise TTDSError(f"--warm-start {folder}: {tower}_sids.parquet has {len(table)} rows, this data "
+                            f"{len(index.tables[tower])} (another data subset?)")
+        sid_strings(table, key, len(table))  # checks completeness
+        index.tables[tower] = table
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def start_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
@@ -109,7 +149,7 @@ def start_accelerator(cfg: TrainConfig):
 # ---------------------------------------------------------------- the stage
 
 def run(params: dict, data_dir: str | Path = "data", metrics_dir: str | Path = "metrics",
-        live_dir: str | Path = "dvclive/finetune") -> dict:
+        live_dir: str | Path = "dvclive/finetune", warm_start: str | Path | None = None) -> dict:
     from transformers import get_cosine_schedule_with_warmup
 
     from .recommender import save_recommender
@@ -123,6 +163,12 @@ def run(params: dict, data_dir: str | Path = "data", metrics_dir: str | Path = "
     seed_everything(cfg.seed)
     job = prepare(params, cfg, data_dir, max_history, device)
     index, tokenizer = job.index, job.tokenizer
+    warm = None
+    if warm_start is not None:
+        warm = {"from": str(warm_start), "sha256": apply_warm_start(job.module, index, Path(warm_start))}
+        if main:
+            print(f"finetune: warm start from {warm_start} (its weights and SID tables; a fresh optimizer "
+                  f"and schedule)", file=sys.stderr)
     optimizer = make_optimizer(job.module, cfg)
 
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -135,6 +181,8 @@ def run(params: dict, data_dir: str | Path = "data", metrics_dir: str | Path = "
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * total_steps), total_steps)
     stamp = fingerprint(params, data_dir, {"processes": world, "device": device.type,
                                            "precision": accelerator.mixed_precision})
+    if warm is not None:  # a checkpoint resumes only the run that started from the same model
+        stamp["warm_start"] = warm["sha256"][:16]
     ckpt = data_dir / "checkpoints" / "last"
     # the main process decides (and sets a stale checkpoint aside) before the others look
     p = load_checkpoint(ckpt, job.module, optimizer, scheduler, index, stamp, main) if main else None
@@ -298,7 +346,7 @@ def run(params: dict, data_dir: str | Path = "data", metrics_dir: str | Path = "
             raise TTDSError(f"best state does not match the model ({unexpected[0]})")
         index.tables = p.best_state[1]
     if main:
-        save_recommender(data_dir / "model", inner, tokenizer, index.tables, cfg.towers, params)
+        save_recommender(data_dir / "model", inner, tokenizer, index.tables, cfg.towers, params, trainable_state(inner))
         last = p.history[-1] if p.history else {}
         first = p.history[0] if p.history else {}
         summary = {
@@ -313,7 +361,7 @@ def run(params: dict, data_dir: str | Path = "data", metrics_dir: str | Path = "
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "churn": index.churn, "best": p.best, "resumed_from_step": p.resumed_from,
             "stopped_by_max_minutes": timed_out, "stopped_early": stopped_early, "validation": p.validation,
-            "planned_steps": total_steps, "skipped_steps": skipped,
+            "planned_steps": total_steps, "skipped_steps": skipped, "warm_start": warm,
         }
         write_json(metrics_dir / "finetune.json", summary)
         live.end()

@@ -20,9 +20,12 @@ So the recipe moves everything a run needs in parts and brings back a small resu
   (status, stage times, metrics, checksums), `log.txt` (the end of the log) and the model,
   SID tables, ranks, metrics and params as `result.tar.NNN` parts of at most 15 MiB.
 - `unpack` (here): checks the result's parts and unpacks them into a folder.
-- A second slot can rank again without training: `pack --resume <result folder>` adds the
-  returned model to the bundle and `run --rank-only` runs `evaluate` on it (the stages before
-  it that build the processed data and the backbone folder run again: they are deterministic).
+- A second slot starts from the first one's model: `pack --resume <result folder>` adds the
+  returned model to the bundle (refused, in one line, when its training params differ), then
+  `run --rank-only` ranks with it (the stages before `evaluate` that build the processed data
+  and the backbone folder run again: they are deterministic), or `run --warm-start` runs the
+  whole pipeline with `finetune --warm-start` from it: training goes on from its weights and
+  SID tables, with a fresh optimizer and schedule (`finetune`'s docstring).
 """
 
 from __future__ import annotations
@@ -293,7 +296,7 @@ def pack(params_path: str | Path = "params.yaml", preset: str | Path | None = "p
     parts_dir = staging / "parts"
     parts = split_file(tar_path, int(part_mib * MIB), lambda k: parts_dir / f"part-{k}" / f"bundle.tar.{k:03d}")
     manifest = {"kind": "ttds-gpu-bundle", "sha256": sha256_file(tar_path), "bytes": tar_path.stat().st_size,
-                "parts": parts, "rank_only_ready": resume is not None, "wheels": wheel_names,
+                "parts": parts, "has_model": resume is not None, "wheels": wheel_names,
                 "files": sorted(name for _, name in entries)}
     tar_path.unlink()
     for k in range(1, len(parts) + 1):
@@ -440,15 +443,18 @@ def install_wheels(work: Path, env: dict) -> dict:
 
 
 def run(bundle_dir: str | Path = ".gpu/bundle", out_dir: str | Path = "gpu-result", minutes: float = 9.0,
-        reserve_minutes: float = 1.5, sets=(), rank_only: bool = False) -> dict:
+        reserve_minutes: float = 1.5, sets=(), rank_only: bool = False, warm_start: bool = False) -> dict:
     """Unpack the bundle and run the pipeline within `minutes` (module docstring)."""
     t0 = time.time()
     bundle_dir, out_dir = Path(bundle_dir), Path(out_dir)
     if minutes <= 0 or reserve_minutes < 0:
         raise TTDSError(f"--minutes {minutes} / --reserve-minutes {reserve_minutes}: expected > 0 and >= 0")
     manifest, _ = _bundle_parts(bundle_dir)
-    if rank_only and not manifest.get("rank_only_ready"):
-        raise TTDSError("--rank-only needs a bundle packed with --resume <result folder> (it holds no model)")
+    if rank_only and warm_start:
+        raise TTDSError("--rank-only and --warm-start: choose one (rank the returned model, or train on from it)")
+    for flag, wanted in (("--rank-only", rank_only), ("--warm-start", warm_start)):
+        if wanted and not manifest.get("has_model"):
+            raise TTDSError(f"{flag} needs a bundle packed with --resume <result folder> (it holds no model)")
     work = unpack_bundle(bundle_dir)
     env = install_wheels(work, dict(os.environ, PYTHONUNBUFFERED="1"))
     params = with_overrides(yaml.safe_load((work / "params.yaml").read_text()), parse_sets(sets), strict=True)
@@ -457,7 +463,7 @@ def run(bundle_dir: str | Path = ".gpu/bundle", out_dir: str | Path = "gpu-resul
     versions = check_packages(env, gguf=str(params["model"]["path"]).endswith(".gguf"))
     log = work / "run.log"
     result = Result(out_dir, work, log, manifest["sha256"])
-    result.status.update(versions=versions, minutes=minutes, rank_only=rank_only)
+    result.status.update(versions=versions, minutes=minutes, rank_only=rank_only, warm_start=warm_start)
     stages = RANK_STAGES if rank_only else TRAIN_STAGES
     for stage in stages:
         if stage == "evaluate" and rank_only:
@@ -475,8 +481,10 @@ def run(bundle_dir: str | Path = ".gpu/bundle", out_dir: str | Path = "gpu-resul
         with open(log, "a") as fh:
             fh.write(f"\n=== {stage} ===\n")
             fh.flush()
-            proc = subprocess.run([sys.executable, "-m", "ttds_core.cli", stage.replace("_", "-"),
-                                   "--params", "params.yaml"], cwd=work, env=env, stdout=fh, stderr=subprocess.STDOUT)
+            cmd = [sys.executable, "-m", "ttds_core.cli", stage.replace("_", "-"), "--params", "params.yaml"]
+            if stage == "finetune" and warm_start:
+                cmd += ["--warm-start", str(Path("resume") / "data" / "model")]
+            proc = subprocess.run(cmd, cwd=work, env=env, stdout=fh, stderr=subprocess.STDOUT)
         result.status["stages"][stage] = round(time.time() - start, 1)
         print(f"ttds gpu: {stage} {'done' if proc.returncode == 0 else 'FAILED'} in "
               f"{time.time() - start:.0f} s ({(time.time() - t0) / 60:.1f} min in all)", file=sys.stderr, flush=True)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+import numpy as np
 import torch
 
 from .errors import TTDSError
@@ -90,8 +91,10 @@ def pack(segments: list[Segment], pad_id: int, sid_first: int, sid_rows: int, eo
         raise TTDSError("an empty training batch")
     width = max(len(s.ids) for s in segments)
     rows = first_fit([len(s.ids) for s in segments], width)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    pos = torch.zeros((len(rows), width), dtype=torch.long)  # pads: 0 each, a sequence apiece
+    # laid out in numpy and turned into tensors once: a torch write per segment would issue
+    # a handful of operator calls each (thousands per step at batch 256)
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    pos = np.zeros((len(rows), width), dtype=np.int64)  # pads: 0 each, a sequence apiece
     coded_pos, coded_tgt, text_pos, text_tgt = [], [], [], []
     pool_pos: dict[str, list[int]] = {}
     pool_slot: dict[str, list[int]] = {}
@@ -104,8 +107,8 @@ def pack(segments: list[Segment], pad_id: int, sid_first: int, sid_rows: int, eo
             n = len(s.ids)
             if not 0 <= s.n_labels < n:
                 raise TTDSError(f"a training sequence of {n} tokens cannot have {s.n_labels} labels")
-            ids[r, col:col + n] = torch.tensor(s.ids)
-            pos[r, col:col + n] = torch.arange(n)
+            ids[r, col:col + n] = s.ids
+            pos[r, col:col + n] = np.arange(n)
             base = r * width + col
             for k in range(n - s.n_labels, n):  # token k is predicted by the state at k - 1
                 y = s.ids[k]
@@ -131,7 +134,7 @@ def pack(segments: list[Segment], pad_id: int, sid_first: int, sid_rows: int, eo
             col += n
 
     def tensor(values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long)
+        return torch.from_numpy(np.asarray(values, dtype=np.int64))
 
     pools = {}
     for tower, slots in pool_slot.items():
@@ -141,7 +144,7 @@ def pack(segments: list[Segment], pad_id: int, sid_first: int, sid_rows: int, eo
         if 0 in counts:
             raise TTDSError(f"DM-VAE slots of the {tower} tower are not numbered 0..n-1")
         pools[tower] = (tensor(pool_pos[tower]), tensor(slots), tensor(counts))
-    return PackedBatch(input_ids=ids, position_ids=pos, coded_pos=tensor(coded_pos), coded_target=tensor(coded_tgt),
+    return PackedBatch(input_ids=torch.from_numpy(ids), position_ids=torch.from_numpy(pos), coded_pos=tensor(coded_pos), coded_target=tensor(coded_tgt),
                        text_pos=tensor(text_pos), text_target=tensor(text_tgt),
                        n_labels=len(coded_pos) + len(text_pos), n_task_tokens=n_task, pools=pools)
 

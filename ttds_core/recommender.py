@@ -9,7 +9,10 @@ Written by `finetune`, read by `evaluate` and serving:
   (`user_sids.parquet` is empty when the user tower is off),
 - `quantizers.safetensors`: the item / user quantizers (RQ-VAE, LSH or random) at the end
   of training (their configs in the metadata),
-- `recommender.json`: where the SID block starts and what it holds.
+- `recommender.json`: where the SID block starts and what it holds,
+- `trainable.safetensors`: the trainable tensors themselves (LoRA, the free SID rows and
+  codebook projections, the quantizers: `model.trainable_state`), which the rows above are
+  computed from; what a warm start (`finetune --warm-start`) goes on training from.
 
 `load_recommender` rebuilds a plain causal LM: backbone, vocabulary resized to the saved
 tokenizer, SID rows written into the embedding matrices, LoRA merged. Its outputs equal
@@ -43,8 +46,9 @@ class Recommender:
 
 
 def save_recommender(model_dir: str | Path, module, tokenizer, tables: dict[str, pd.DataFrame],
-                     towers: list[str], params: dict) -> None:
-    """Write `model_dir` atomically from a trained `model.TTDSModule`."""
+                     towers: list[str], params: dict, trainable: dict[str, torch.Tensor]) -> None:
+    """Write `model_dir` atomically from a trained `model.TTDSModule` and its trainable
+    tensors (`model.trainable_state`)."""
     from .quantize import quantizer_config
 
     sid = module.sid
@@ -71,6 +75,7 @@ def save_recommender(model_dir: str | Path, module, tokenizer, tables: dict[str,
             state.update({f"{tower}.{k}": v for k, v in q.state_dict().items()})
         save_tensors(tmp / "quantizers.safetensors", state or {"_empty": torch.zeros(0)},
                      metadata={"configs": json.dumps(configs)})
+        save_tensors(tmp / "trainable.safetensors", trainable)
         write_json(tmp / "recommender.json", {
             "first_id": sid.first_id, "n_rows": sid.n_rows, "towers": towers,
             "layouts": [vars(lay) for lay in sid.layouts], "tied_head": sid.out_rows is None,

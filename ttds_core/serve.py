@@ -100,12 +100,11 @@ def rank_users(params: dict, cases, model_dir=MODEL_DIR, backbone_dir=BACKBONE_D
         rec = load_recommender(params, model_dir=model_dir, backbone_dir=backbone_dir)
     weights = None
     if cfg["popularity_prior"]:
-        from .cases import item_counts
+        from .cases import item_counts, item_span
 
         if sequences is None:
             raise TTDSError("a popularity prior needs the users' sequences to count items")
-        n_items = 1 + max(max(int(i) for i in rec.item_sids["item_id"]),
-                          max(int(i) for items in sequences["items"] for i in items))
+        n_items = item_span(rec.item_sids["item_id"], sequences)
         weights = item_counts(sequences, n_items, upto=None) + 1.0
     ranker, _ = ranker_for(rec.model, rec.tokenizer, rec.item_sids, cfg["beams"], cfg["scoring"],
                            popularity=weights, prior=cfg["popularity_prior"])

@@ -1,0 +1,151 @@
+"""Is the user's profile one purchase stale at test time, and does that cost TTDS?
+
+    python -m bench.user_profile --root <workspace> [--out FILE] [--read-test]
+
+The user tower's text, and so the user's SID, is built from the training interactions only
+(`preprocess.build_user_texts`). For the validation target that profile is fresh: it holds
+everything before the target. For the test target it is one purchase stale: the validation
+item is in the prompt's item history but never in the user text. Rebuilding the profile from
+everything before the test target (training and validation interactions) leaks nothing, and
+is what an ID model does implicitly by reading the longer history.
+
+With the trained model of the workspace at `--root`, on every user:
+
+- **validation** (decides): the usual fresh profile against one made stale the same way
+  (built without the last training interaction). If staleness costs on validation, a fresh
+  profile should gain at test.
+- **test** (`--read-test`: read once, after the decision): the usual, stale profile against
+  the fresh one.
+
+A profile is rendered by the preprocess function, embedded by the backbone as the `embed`
+stage does, quantized by the model's final user quantizer and given a unique SID by the
+collision suffix among all users. The usual arm is the model's own user table; the same
+derivation applied to the usual profile reports how much of that table it reproduces (all
+of it for a static index embedded on the same machine; a dynamic index's table moved with
+its refreshes, so there the other arms differ by more than the profile).
+Unmasked NDCG@10 / HR@10 and the paired Wilcoxon test. Not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from ttds_core.cases import Case
+from ttds_core.io import read_parquet, write_json
+
+from bench.context_shift import ndcg_hr
+
+
+def profile_texts(inter: pd.DataFrame, titles: np.ndarray, params: dict, which: str) -> list[str]:
+    """Every user's text: `usual` (training rows), `stale` (less the last training row) or
+    `fresh` (training rows and the validation row)."""
+    from ttds_core.data_source import DataConfig
+    from ttds_core.preprocess import build_user_texts
+
+    inter = inter.sort_values(["user_id", "pos"]).reset_index(drop=True)
+    split = inter["split"].copy()
+    if which == "fresh":
+        split[split == "valid"] = "train"
+    elif which == "stale":
+        train = inter.index[split == "train"]
+        last = inter.loc[train].groupby("user_id").tail(1).index
+        split[last] = "dropped"
+    inter = inter.assign(split=split)
+    return build_user_texts(inter, titles, DataConfig.from_params(params))[0]
+
+
+def user_table(texts: list[str], model, tokenizer, quantizer, params: dict) -> pd.DataFrame:
+    """The user SID table these texts give: embedded, quantized, collisions suffixed."""
+    from ttds_core.embedding import embed_texts
+    from ttds_core.sids import resolve_collisions, sid_table
+
+    x = embed_texts(model, tokenizer, texts, batch_size=params["embed"]["batch_size"],
+                    max_tokens=params["model"]["max_text_tokens"], progress=False)
+    ids = np.arange(len(x))
+    codes = quantizer.codes(x, ids=ids).cpu().numpy()
+    suffix = resolve_collisions(codes, ids, max_suffix=params["index"]["max_suffix"])
+    return sid_table(ids, codes, suffix, "user")
+
+
+def main(argv=None) -> dict:
+    import torch
+    from scipy import stats
+
+    from ttds_core.backbone import load_backbone
+    from ttds_core.config import seed_everything
+    from ttds_core.evaluate import eval_settings
+    from ttds_core.metrics import rank_of
+    from ttds_core.ranker import PromptBuilder, rank_cases, ranker_for
+    from ttds_core.recommender import load_final_quantizers, load_recommender
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--root", default=".", help="the workspace holding the trained TTDS")
+    ap.add_argument("--out", default=None, help="also write the JSON result here")
+    ap.add_argument("--read-test", action="store_true", help="also rank test with the usual and the fresh profile")
+    ap.add_argument("--max-users", type=int, default=None, help="the first N users only (a smoke test)")
+    args = ap.parse_args(argv)
+    root = Path(args.root)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    cfg = eval_settings(params)
+    seed_everything(cfg.seed)
+    torch.set_num_threads(1)
+    processed = root / "data" / "processed"
+    sequences = read_parquet(processed / "sequences.parquet", ["user_id", "items"]).sort_values("user_id")
+    inter = read_parquet(processed / "interactions.parquet", ["user_id", "item_id", "pos", "split"])
+    items = read_parquet(processed / "items.parquet", ["item_id", "title"]).sort_values("item_id")
+    titles = items["title"].to_numpy()
+
+    rec = load_recommender(params, model_dir=root / "data" / "model", backbone_dir=root / "data" / "backbone")
+    if rec.user_sids is None:
+        raise SystemExit("the model has no user tower: nothing to measure")
+    backbone, tokenizer = load_backbone(params, backbone_dir=root / "data" / "backbone")
+    backbone.eval()
+    quantizer = load_final_quantizers(root / "data" / "model")["user"]
+    tables = {}
+    for which in ("usual", "stale") + (("fresh",) if args.read_test else ()):
+        tables[which] = user_table(profile_texts(inter, titles, params, which), backbone, tokenizer, quantizer, params)
+    own = rec.user_sids.sort_values("user_id").reset_index(drop=True)
+    same = float((tables["usual"]["sid"].to_numpy() == own["sid"].to_numpy()).mean())
+    print(f"usual profile re-derived: {same:.1%} of the model's user SIDs", flush=True)
+    changed = {w: float((t["sid"].to_numpy() != own["sid"].to_numpy()).mean()) for w, t in tables.items()}
+    tables["usual"] = own  # the arm every other is paired with is the model's own table
+
+    ranker, _ = ranker_for(rec.model, rec.tokenizer, rec.item_sids, cfg.beams, cfg.scoring)
+    users = sequences.head(args.max_users) if args.max_users else sequences
+
+    def ranks(split: str, table: pd.DataFrame) -> np.ndarray:
+        builder = PromptBuilder(rec.tokenizer, rec.item_sids, table, cfg.template, cfg.packed)
+        cases = []
+        for user, seq in zip(users["user_id"], users["items"]):
+            seq = [int(i) for i in seq]
+            before, target = (seq[:-2], seq[-2]) if split == "valid" else (seq[:-1], seq[-1])
+            cases.append(Case(int(user), split, before[-cfg.max_history:], before, target))
+        ranked = rank_cases(ranker, builder, cases, cfg.batch_size, modes=(False,), progress=f"{split}")[False]
+        return np.asarray([rank_of(c.target, [i for i, _ in r]) or np.inf for c, r in zip(cases, ranked)], dtype=float)
+
+    def compare(split: str, base: str, other: str) -> dict:
+        a, b = ndcg_hr(ranks(split, tables[base])), ndcg_hr(ranks(split, tables[other]))
+        p = float(stats.wilcoxon(a[0], b[0]).pvalue) if np.any(a[0] != b[0]) else 1.0
+        row = {f"{base} NDCG@10": round(float(a[0].mean()), 4), f"{other} NDCG@10": round(float(b[0].mean()), 4),
+               f"{base} HR@10": round(float(a[1].mean()), 4), f"{other} HR@10": round(float(b[1].mean()), 4),
+               "wilcoxon_p": p}
+        print(split, row, flush=True)
+        return row
+
+    result = {"root_params": {k: params[k] for k in ("data", "index", "tower")}, "users": int(len(users)),
+              "usual_reproduces_model_table": same, "share_of_user_sids_changed": changed,
+              "valid": compare("valid", "usual", "stale")}
+    if args.read_test:
+        result["test"] = compare("test", "usual", "fresh")
+    if args.out:
+        write_json(args.out, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
