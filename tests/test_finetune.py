@@ -387,7 +387,8 @@ def test_warm_start_goes_on_from_a_saved_model_and_refuses_another(project, caps
     assert set(again) == set(first) and all(torch.equal(again[k], first[k]) for k in first)
     saved = read_parquet("data/model/item_sids.parquet")
     assert saved["sid"].tolist() == table["sid"].tolist() != read_parquet("data/sids/items.parquet")["sid"].tolist()
-    for name in ("user_sids.parquet", "sid_rows.safetensors"):
+    assert not any(".quantizers." in k for k in first)  # those are in quantizers.safetensors only
+    for name in ("user_sids.parquet", "sid_rows.safetensors", "quantizers.safetensors"):
         assert Path("data/model", name).read_bytes() == Path("first", name).read_bytes()
     metrics = json.loads(Path("metrics/finetune.json").read_text())
     assert metrics["warm_start"]["from"] == "first" and len(metrics["warm_start"]["sha256"]) == 64

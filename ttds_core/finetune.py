@@ -97,7 +97,8 @@ def prepare(params: dict, cfg: TrainConfig, data_dir: Path, max_history: int, de
 
 def apply_warm_start(module: TTDSModule, index: IndexState, folder: Path) -> str:
     """Load a trained model folder's trainable tensors into `module` and its SID tables into
-    `index` (module docstring, "Warm start"); returns the tensors' sha256."""
+    `index` (module docstring, "Warm start"); returns the sha256 of its trainable tensors
+    (the quantizers come from its `quantizers.safetensors`)."""
     import hashlib
 
     from .dynamic import sid_strings
@@ -108,11 +109,18 @@ def apply_warm_start(module: TTDSModule, index: IndexState, folder: Path) -> str
     path = folder / "trainable.safetensors"
     if not path.is_file():
         raise TTDSError(f"--warm-start {folder}: no trainable.safetensors there (a model folder written by finetune)")
-    state, own = load_tensors(path), trainable_state(module)
+    state, own = load_tensors(path), trainable_state(module, quantizers=False)
+    # the quantizers are in quantizers.safetensors ("<tower>.<tensor>"), not twice in the folder
+    stored_q = load_tensors(folder / "quantizers.safetensors")
+    for tower, q in module.sid.quantizers.items():
+        state.update({k: v for k, v in stored_q.items() if k.startswith(f"{tower}.")})
+        own.update({f"{tower}.{k}": v for k, v in q.state_dict().items()})
     odd = sorted(set(own) ^ set(state)) or [k for k in sorted(own) if own[k].shape != state[k].shape]
     if odd:
         raise TTDSError(f"--warm-start {folder}: its tensor {odd[0]} does not fit this model (it needs the same "
                         f"model, lora, index and tower params)")
+    for tower, q in module.sid.quantizers.items():
+        q.load_state_dict({k[len(tower) + 1:]: state.pop(k) for k in list(state) if k.startswith(f"{tower}.")})
     module.load_state_dict(state, strict=False)
     for tower in list(index.tables):
         key = TOWER_FILES[tower][1]
@@ -346,7 +354,8 @@ def run(params: dict, data_dir: str | Path = "data", metrics_dir: str | Path = "
             raise TTDSError(f"best state does not match the model ({unexpected[0]})")
         index.tables = p.best_state[1]
     if main:
-        save_recommender(data_dir / "model", inner, tokenizer, index.tables, cfg.towers, params, trainable_state(inner))
+        save_recommender(data_dir / "model", inner, tokenizer, index.tables, cfg.towers, params,
+                         trainable_state(inner, quantizers=False))
         last = p.history[-1] if p.history else {}
         first = p.history[0] if p.history else {}
         summary = {

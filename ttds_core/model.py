@@ -325,16 +325,18 @@ def make_optimizer(module: TTDSModule, cfg: TrainConfig) -> torch.optim.Optimize
     return torch.optim.AdamW([g for g in spec if g["params"]], fused=True if cfg.fused_optimizer else None)
 
 
-def trainable_state(module: TTDSModule) -> dict[str, torch.Tensor]:
+def trainable_state(module: TTDSModule, quantizers: bool = True) -> dict[str, torch.Tensor]:
     """Everything that training changes: LoRA weights and the SidVocab (rows, projections,
-    quantizers with their buffers). The frozen backbone is not saved."""
+    quantizers with their buffers; `quantizers=False` leaves the quantizers out, which
+    `data/model/quantizers.safetensors` holds anyway). The frozen backbone is not saved."""
     sid_prefix = None
     for name, mod in module.named_modules():
         if mod is module.sid:
             sid_prefix = name + "."
             break
+    skip = f"{sid_prefix}quantizers." if sid_prefix and not quantizers else None
     return {k: v.detach().clone() for k, v in module.state_dict().items()
-            if "lora_" in k or (sid_prefix and k.startswith(sid_prefix))}
+            if ("lora_" in k or (sid_prefix and k.startswith(sid_prefix))) and not (skip and k.startswith(skip))}
 
 
 # ---------------------------------------------------------------- validation

@@ -10,9 +10,10 @@ Written by `finetune`, read by `evaluate` and serving:
 - `quantizers.safetensors`: the item / user quantizers (RQ-VAE, LSH or random) at the end
   of training (their configs in the metadata),
 - `recommender.json`: where the SID block starts and what it holds,
-- `trainable.safetensors`: the trainable tensors themselves (LoRA, the free SID rows and
-  codebook projections, the quantizers: `model.trainable_state`), which the rows above are
-  computed from; what a warm start (`finetune --warm-start`) goes on training from.
+- `trainable.safetensors`: the trainable tensors themselves but for the quantizers (LoRA,
+  the free SID rows and codebook projections: `model.trainable_state`), which the rows above
+  are computed from; with `quantizers.safetensors`, what a warm start (`finetune
+  --warm-start`) goes on training from.
 
 `load_recommender` rebuilds a plain causal LM: backbone, vocabulary resized to the saved
 tokenizer, SID rows written into the embedding matrices, LoRA merged. Its outputs equal
@@ -48,7 +49,7 @@ class Recommender:
 def save_recommender(model_dir: str | Path, module, tokenizer, tables: dict[str, pd.DataFrame],
                      towers: list[str], params: dict, trainable: dict[str, torch.Tensor]) -> None:
     """Write `model_dir` atomically from a trained `model.TTDSModule` and its trainable
-    tensors (`model.trainable_state`)."""
+    tensors but for the quantizers (`model.trainable_state(module, quantizers=False)`)."""
     from .quantize import quantizer_config
 
     sid = module.sid
