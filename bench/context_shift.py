@@ -51,24 +51,28 @@ def ndcg_hr(ranks: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
 
 def ttds_ranks(root: Path, params: dict, sequences: pd.DataFrame) -> dict[str, np.ndarray]:
     from ttds_core.evaluate import eval_settings
-    from ttds_core.metrics import rank_of
-    from ttds_core.ranker import PromptBuilder, rank_cases, ranker_for
+    from ttds_core.ranker import PromptBuilder, ranker_for
     from ttds_core.recommender import load_recommender
 
     cfg = eval_settings(params)
     rec = load_recommender(params, model_dir=root / "data" / "model", backbone_dir=root / "data" / "backbone")
     ranker, _ = ranker_for(rec.model, rec.tokenizer, rec.item_sids, cfg.beams, cfg.scoring)
     builder = PromptBuilder(rec.tokenizer, rec.item_sids, rec.user_sids, cfg.template, cfg.packed)
-    out = {}
-    for which in SETS:
-        cases = []
-        for user, items in zip(sequences["user_id"], sequences["items"]):
-            before, target = contexts([int(i) for i in items], which)
-            cases.append(Case(int(user), "test", before[-cfg.max_history:], before, target))
-        ranked = rank_cases(ranker, builder, cases, cfg.batch_size, modes=(False,), progress=which)[False]
-        out[which] = np.asarray([rank_of(c.target, [i for i, _ in r]) or np.inf for c, r in zip(cases, ranked)],
-                                dtype=float)
-    return out
+    return {which: case_ranks(ranker, builder, sequences, which, cfg) for which in SETS}
+
+
+def case_ranks(ranker, builder, sequences: pd.DataFrame, which: str, cfg) -> np.ndarray:
+    """Each user's rank (from 1; inf when not ranked) of the target of case set `which`,
+    unmasked, by `ranker` with the prompts of `builder` (`cfg`: `evaluate.eval_settings`)."""
+    from ttds_core.metrics import rank_of
+    from ttds_core.ranker import rank_cases
+
+    cases = []
+    for user, items in zip(sequences["user_id"], sequences["items"]):
+        before, target = contexts([int(i) for i in items], which)
+        cases.append(Case(int(user), "test", before[-cfg.max_history:], before, target))
+    ranked = rank_cases(ranker, builder, cases, cfg.batch_size, modes=(False,), progress=which)[False]
+    return np.asarray([rank_of(c.target, [i for i, _ in r]) or np.inf for c, r in zip(cases, ranked)], dtype=float)
 
 
 def baseline_ranks(name: str, params: dict, processed: Path, users: np.ndarray) -> dict[str, np.ndarray]:

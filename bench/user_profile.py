@@ -35,10 +35,9 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from ttds_core.cases import Case
 from ttds_core.io import read_parquet, write_json
 
-from bench.context_shift import ndcg_hr
+from bench.context_shift import case_ranks, ndcg_hr
 
 
 def profile_texts(inter: pd.DataFrame, titles: np.ndarray, params: dict, which: str) -> list[str]:
@@ -79,8 +78,7 @@ def main(argv=None) -> dict:
     from ttds_core.backbone import load_backbone
     from ttds_core.config import seed_everything
     from ttds_core.evaluate import eval_settings
-    from ttds_core.metrics import rank_of
-    from ttds_core.ranker import PromptBuilder, rank_cases, ranker_for
+    from ttds_core.ranker import PromptBuilder, ranker_for
     from ttds_core.recommender import load_final_quantizers, load_recommender
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -120,13 +118,7 @@ def main(argv=None) -> dict:
 
     def ranks(split: str, table: pd.DataFrame) -> np.ndarray:
         builder = PromptBuilder(rec.tokenizer, rec.item_sids, table, cfg.template, cfg.packed)
-        cases = []
-        for user, seq in zip(users["user_id"], users["items"]):
-            seq = [int(i) for i in seq]
-            before, target = (seq[:-2], seq[-2]) if split == "valid" else (seq[:-1], seq[-1])
-            cases.append(Case(int(user), split, before[-cfg.max_history:], before, target))
-        ranked = rank_cases(ranker, builder, cases, cfg.batch_size, modes=(False,), progress=f"{split}")[False]
-        return np.asarray([rank_of(c.target, [i for i, _ in r]) or np.inf for c, r in zip(cases, ranked)], dtype=float)
+        return case_ranks(ranker, builder, users, split, cfg)
 
     def compare(split: str, base: str, other: str) -> dict:
         a, b = ndcg_hr(ranks(split, tables[base])), ndcg_hr(ranks(split, tables[other]))

@@ -35,8 +35,9 @@ weights and warm-up's index, with a fresh optimizer and learning-rate schedule o
 `train.epochs`. The model must have been made with the same model, LoRA, index and tower
 params and the same data (what is checked: every tensor's name and shape, and the SID
 tables' sizes; the GPU recipe also refuses a model trained with other params); the cached X
-of the items and users is the embed stage's until the first refresh. Not the uninterrupted run's result: Adam's moments, the position in
-the schedule and the data order start again (they cannot travel back from a GPU slot).
+of the items and users is the embed stage's until the first refresh. Not the uninterrupted
+run's result: Adam's moments, the position in the schedule and the data order start again
+(they cannot travel back from a GPU slot).
 """
 
 from __future__ import annotations

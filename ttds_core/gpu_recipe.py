@@ -55,6 +55,7 @@ LOG_TAIL = MIB
 TRAIN_STAGES = ("backbone", "preprocess", "embed", "warmup", "build_sids", "finetune", "evaluate")
 RANK_STAGES = ("backbone", "preprocess", "evaluate")
 RESULT_PATHS = ("params.yaml", "metrics", "data/model", "data/sids", "data/eval")
+RESUMED_MODEL = "resume/data/model"  # where `pack --resume` puts the returned model in the bundle
 # what the stages import, with the floors of pyproject.toml (dvc/dvclive are optional there)
 NEEDED = {"torch": "2.4", "transformers": "5.0", "peft": "0.15", "accelerate": "1.0", "safetensors": None,
           "pandas": "2.2", "pyarrow": "15", "numpy": "1.26", "scikit-learn": None, "typer": "0.12", "tqdm": None,
@@ -282,7 +283,7 @@ def pack(params_path: str | Path = "params.yaml", preset: str | Path | None = "p
             raise TTDSError(f"--resume {resumed}: no data/model/recommender.json and params.yaml there (unpack a "
                             "result with `ttds gpu unpack` first)")
         check_same_run(params, yaml.safe_load((resumed / "params.yaml").read_text()), resumed)
-        entries.append((resumed / "data" / "model", "resume/data/model"))
+        entries.append((resumed / "data" / "model", RESUMED_MODEL))
     params = with_overrides(params, {**moved, "model.path": backbone_name})
     staging.mkdir(parents=True, exist_ok=True)
     (staging / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -467,7 +468,7 @@ def run(bundle_dir: str | Path = ".gpu/bundle", out_dir: str | Path = "gpu-resul
     stages = RANK_STAGES if rank_only else TRAIN_STAGES
     for stage in stages:
         if stage == "evaluate" and rank_only:
-            shutil.copytree(work / "resume" / "data" / "model", work / "data" / "model", dirs_exist_ok=True)
+            shutil.copytree(work / RESUMED_MODEL, work / "data" / "model", dirs_exist_ok=True)
         if stage == "finetune":
             budget = minutes - (time.time() - t0) / 60.0 - reserve_minutes
             if budget <= 0:
@@ -483,7 +484,7 @@ def run(bundle_dir: str | Path = ".gpu/bundle", out_dir: str | Path = "gpu-resul
             fh.flush()
             cmd = [sys.executable, "-m", "ttds_core.cli", stage.replace("_", "-"), "--params", "params.yaml"]
             if stage == "finetune" and warm_start:
-                cmd += ["--warm-start", str(Path("resume") / "data" / "model")]
+                cmd += ["--warm-start", RESUMED_MODEL]
             proc = subprocess.run(cmd, cwd=work, env=env, stdout=fh, stderr=subprocess.STDOUT)
         result.status["stages"][stage] = round(time.time() - start, 1)
         print(f"ttds gpu: {stage} {'done' if proc.returncode == 0 else 'FAILED'} in "
