@@ -3,7 +3,7 @@
     python -m bench.user_profile --root <workspace> [--out FILE] [--read-test]
 
 The user tower's text, and so the user's SID, is built from the training interactions only
-(`preprocess.build_user_texts`). For the validation target that profile is fresh: it holds
+(`ttds_core.user_text`). For the validation target that profile is fresh: it holds
 everything before the target. For the test target it is one purchase stale: the validation
 item is in the prompt's item history but never in the user text. Rebuilding the profile from
 everything before the test target (training and validation interactions) leaks nothing, and
@@ -17,12 +17,13 @@ With the trained model of the workspace at `--root`, on every user:
 - **test** (`--read-test`: read once, after the decision): the usual, stale profile against
   the fresh one.
 
-A profile is rendered by the preprocess function, embedded by the backbone as the `embed`
-stage does, quantized by the model's final user quantizer and given a unique SID by the
-collision suffix among all users. The usual arm is the model's own user table; the same
-derivation applied to the usual profile reports how much of that table it reproduces (all
-of it for a static index embedded on the same machine; a dynamic index's table moved with
-its refreshes, so there the other arms differ by more than the profile).
+A profile is rendered by the preprocess rule and given SIDs exactly as `evaluate` derives
+the test-time profile (`ttds_core.user_profile.fresh_user_sids`: for a static index, embedded
+by the backbone as the `embed` stage does, coded by the model's final user quantizer, a unique
+SID by the collision suffix among all users; for a dynamic one, as one more refresh would).
+The usual arm is the model's own user table; the same derivation applied to the usual profile
+reports how much of that table it reproduces (all of it for a static index embedded on the
+same machine; for a dynamic index, what the hysteresis keeps of it).
 Unmasked NDCG@10 / HR@10 and the paired Wilcoxon test. Not a test.
 """
 
@@ -42,33 +43,19 @@ from bench.context_shift import case_ranks, ndcg_hr
 
 def profile_texts(inter: pd.DataFrame, titles: np.ndarray, params: dict, which: str) -> list[str]:
     """Every user's text: `usual` (training rows), `stale` (less the last training row) or
-    `fresh` (training rows and the validation row)."""
-    from ttds_core.data_source import DataConfig
-    from ttds_core.preprocess import build_user_texts
+    `fresh` (training rows and the validation row: what `eval.user_profile: fresh` uses)."""
+    from ttds_core.user_profile import TEST_TIME_SPLITS
+    from ttds_core.user_text import UserTextRule, user_texts
 
     inter = inter.sort_values(["user_id", "pos"]).reset_index(drop=True)
     split = inter["split"].copy()
-    if which == "fresh":
-        split[split == "valid"] = "train"
-    elif which == "stale":
+    if which == "stale":
         train = inter.index[split == "train"]
         last = inter.loc[train].groupby("user_id").tail(1).index
         split[last] = "dropped"
     inter = inter.assign(split=split)
-    return build_user_texts(inter, titles, DataConfig.from_params(params))[0]
-
-
-def user_table(texts: list[str], model, tokenizer, quantizer, params: dict) -> pd.DataFrame:
-    """The user SID table these texts give: embedded, quantized, collisions suffixed."""
-    from ttds_core.embedding import embed_texts
-    from ttds_core.sids import resolve_collisions, sid_table
-
-    x = embed_texts(model, tokenizer, texts, batch_size=params["embed"]["batch_size"],
-                    max_tokens=params["model"]["max_text_tokens"], progress=False)
-    ids = np.arange(len(x))
-    codes = quantizer.codes(x, ids=ids).cpu().numpy()
-    suffix = resolve_collisions(codes, ids, max_suffix=params["index"]["max_suffix"])
-    return sid_table(ids, codes, suffix, "user")
+    return user_texts(inter, titles, UserTextRule.from_params(params),
+                      TEST_TIME_SPLITS if which == "fresh" else ("train",))[0]
 
 
 def main(argv=None) -> dict:
@@ -80,6 +67,7 @@ def main(argv=None) -> dict:
     from ttds_core.evaluate import eval_settings
     from ttds_core.ranker import PromptBuilder, ranker_for
     from ttds_core.recommender import load_final_quantizers, load_recommender
+    from ttds_core.user_profile import fresh_user_sids
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", default=".", help="the workspace holding the trained TTDS")
@@ -101,12 +89,16 @@ def main(argv=None) -> dict:
     rec = load_recommender(params, model_dir=root / "data" / "model", backbone_dir=root / "data" / "backbone")
     if rec.user_sids is None:
         raise SystemExit("the model has no user tower: nothing to measure")
-    backbone, tokenizer = load_backbone(params, backbone_dir=root / "data" / "backbone")
-    backbone.eval()
-    quantizer = load_final_quantizers(root / "data" / "model")["user"]
+    dynamic = bool(params["index"]["dynamic"])
+    if dynamic:  # a refresh embeds with the trained LLM (ttds_core.user_profile)
+        embedder, tokenizer = rec.model, rec.tokenizer
+    else:
+        embedder, tokenizer = load_backbone(params, backbone_dir=root / "data" / "backbone")
     tables = {}
     for which in ("usual", "stale") + (("fresh",) if args.read_test else ()):
-        tables[which] = user_table(profile_texts(inter, titles, params, which), backbone, tokenizer, quantizer, params)
+        quantizer = load_final_quantizers(root / "data" / "model")["user"]  # a dynamic derivation re-fits it
+        tables[which] = fresh_user_sids(profile_texts(inter, titles, params, which), rec.user_sids, quantizer,
+                                        embedder, tokenizer, params, dynamic)
     own = rec.user_sids.sort_values("user_id").reset_index(drop=True)
     same = float((tables["usual"]["sid"].to_numpy() == own["sid"].to_numpy()).mean())
     print(f"usual profile re-derived: {same:.1%} of the model's user SIDs", flush=True)

@@ -120,7 +120,7 @@ def test_run_writes_the_contract_files(rec, tmp_path, monkeypatch):
     SEQUENCES.to_parquet(processed / "sequences.parquet")
     monkeypatch.setattr(recommender, "load_recommender", lambda params, **kw: rec)
     params = copy.deepcopy(PARAMS)
-    params["eval"]["max_users"] = 2
+    params["eval"].update(max_users=2, user_profile="training")  # the fresh profile: test_user_profile.py
     ev.run(params, processed_dir=processed, model_dir=model_dir, out_dir=tmp_path / "eval",
            metrics_path=tmp_path / "eval.json")
     metrics = json.loads((tmp_path / "eval.json").read_text())

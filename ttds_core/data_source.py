@@ -13,6 +13,7 @@ from pathlib import Path
 from .config import get
 from .errors import TTDSError
 from .readers import candidate_files
+from .user_text import UserTextRule
 
 FORMATS = ("lcrec", "amazon2018", "generic")
 SAMPLERS = ("snowball", "users")
@@ -54,10 +55,8 @@ class DataConfig:
     max_users: int | None
     sampler: str
     seed: int
-    user_text_items: int
     item_text_chars: int
-    user_text_chars: int
-    review_chars: int
+    user_text: UserTextRule
 
     @classmethod
     def from_params(cls, params: dict) -> "DataConfig":
@@ -88,10 +87,8 @@ class DataConfig:
             max_users=get(params, "data.max_users", int, default=1500, allow_none=True, min_value=1),
             sampler=get(params, "data.sampler", str, default="snowball", choices=SAMPLERS),
             seed=get(params, "seed", int),
-            user_text_items=get(params, "data.user_text_items", int, min_value=1),
             item_text_chars=get(params, "data.item_text_chars", int, default=512, min_value=16),
-            user_text_chars=get(params, "data.user_text_chars", int, default=512, min_value=16),
-            review_chars=get(params, "data.review_chars", int, default=200, min_value=16),
+            user_text=UserTextRule.from_params(params),
         )
 
 

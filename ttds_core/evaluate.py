@@ -19,6 +19,11 @@ n_i the item's number of training interactions (`items[:-2]`, as MostPop counts 
 validation or test target), spread over the trie so the beams are pruned with it
 (`ranker.py`, "Scores"). 0 (the default) is the model alone, as in the paper.
 
+The user SID of the validation prompts is the model's own (its text holds everything before
+the validation target). The test prompts' user SID follows `eval.user_profile`: `fresh` (the
+default) re-derives it from the training and validation interactions, everything before the
+test target (`user_profile.py`); `training` keeps the model's own, one purchase stale.
+
 `metrics/eval.json` also carries `popularity`: MostPop ranks of the same cases, so the
 "must beat popularity" check needs no second run.
 """
@@ -39,6 +44,7 @@ from .io import atomic_dir, read_parquet, write_json, write_parquet
 from .metrics import metric_table
 from .prompts import seqrec_packed
 from .ranker import SCORINGS, Case, PromptBuilder, rank_cases, ranker_for
+from .user_profile import PROFILES
 
 
 @dataclass
@@ -54,6 +60,7 @@ class EvalSettings:
     seed: int
     packed: bool = False      # tasks.seqrec_format: packed (the prompt format training used)
     popularity_prior: float = 0.0  # lambda of the popularity prior (0 = none)
+    user_profile: str = "fresh"    # the test prompts' user SID: fresh | training (user_profile.py)
 
 
 def eval_settings(params: dict) -> EvalSettings:
@@ -71,7 +78,8 @@ def eval_settings(params: dict) -> EvalSettings:
         max_history=get(params, "data.max_history", int, min_value=1),
         template=get(params, "train.template", int, min_value=0), seed=get(params, "seed", int),
         packed=seqrec_packed(params),
-        popularity_prior=get(params, "eval.popularity_prior", float, 0.0, min_value=0.0))
+        popularity_prior=get(params, "eval.popularity_prior", float, 0.0, min_value=0.0),
+        user_profile=get(params, "eval.user_profile", str, "fresh", choices=PROFILES))
 
 
 def rank_table(cases: list[Case], ranks: dict[bool, list[int | None]]) -> pd.DataFrame:
@@ -115,8 +123,11 @@ def popularity_ranks(sequences: pd.DataFrame, cases: list[Case], n_items: int) -
     return out
 
 
-def evaluate(rec, sequences: pd.DataFrame, cfg: EvalSettings, progress: bool = False) -> tuple[dict, pd.DataFrame]:
-    """Rank every selected user's validation and test target; return (metrics, ranks)."""
+def evaluate(rec, sequences: pd.DataFrame, cfg: EvalSettings, progress: bool = False,
+             test_user_sids: pd.DataFrame | None = None) -> tuple[dict, pd.DataFrame]:
+    """Rank every selected user's validation and test target; return (metrics, ranks).
+    `test_user_sids`: the user table of the test prompts (`user_profile.test_user_sids`);
+    None = the model's own, as for validation."""
     start = time.perf_counter()
     users = select_users(sequences, cfg.max_users, cfg.seed)
     n_items = item_span(rec.item_sids["item_id"], sequences)
@@ -126,9 +137,15 @@ def evaluate(rec, sequences: pd.DataFrame, cfg: EvalSettings, progress: bool = F
     if unknown is not None:
         raise TTDSError(f"sequences.parquet: item {unknown} has no SID in the model's item table "
                         "(data/processed and data/model are from different runs?)")
-    builder = PromptBuilder(rec.tokenizer, rec.item_sids, rec.user_sids, cfg.template, cfg.packed)
-    cases = [c for split in SPLITS for c in eval_cases(users, split, cfg.max_history)]
-    ranked = rank_cases(ranker, builder, cases, cfg.batch_size, progress="evaluate" if progress else None)
+    user_sids = {"valid": rec.user_sids, "test": rec.user_sids if test_user_sids is None else test_user_sids}
+    cases, ranked = [], {False: [], True: []}
+    for split in SPLITS:
+        builder = PromptBuilder(rec.tokenizer, rec.item_sids, user_sids[split], cfg.template, cfg.packed)
+        split_cases = eval_cases(users, split, cfg.max_history)
+        for masked, lists in rank_cases(ranker, builder, split_cases, cfg.batch_size,
+                                        progress=f"evaluate {split}" if progress else None).items():
+            ranked[masked] += lists
+        cases += split_cases
     ranks = rank_table(cases, target_ranks(cases, ranked))
     metrics = metrics_of(ranks, cfg.ks)
     metrics["popularity"] = metrics_of(rank_table(cases, popularity_ranks(sequences, cases, n_items)), cfg.ks)
@@ -143,10 +160,20 @@ def evaluate(rec, sequences: pd.DataFrame, cfg: EvalSettings, progress: bool = F
         "popularity_prior": cfg.popularity_prior,
         "mask_history": cfg.mask_history,
         "headline": "test_masked" if cfg.mask_history else "test",
-        "user_tower": builder.user_sid is not None,
+        "user_tower": rec.user_sids is not None,
+        "test_user_profile": (cfg.user_profile if rec.user_sids is not None else None),
+        "test_user_sids_changed": _share_changed(rec.user_sids, user_sids["test"]),
         "seconds": round(time.perf_counter() - start, 1),
     })
     return metrics, ranks
+
+
+def _share_changed(own: pd.DataFrame | None, test: pd.DataFrame | None) -> float | None:
+    """Share of users whose test-prompt SID differs from the model's own (None: no user tower)."""
+    if own is None or test is None:
+        return None
+    a, b = own.sort_values("user_id"), test.sort_values("user_id")
+    return round(float((a["sid"].to_numpy() != b["sid"].to_numpy()).mean()), 4)
 
 
 def run(params: dict, processed_dir: str | Path = "data/processed", model_dir: str | Path = "data/model",
@@ -154,6 +181,7 @@ def run(params: dict, processed_dir: str | Path = "data/processed", model_dir: s
         metrics_path: str | Path = "metrics/eval.json") -> dict:
     """The `evaluate` stage: write `metrics/eval.json` and `data/eval/ranks.parquet`."""
     from .recommender import load_recommender
+    from .user_profile import test_user_sids
 
     cfg = eval_settings(params)
     seed_everything(cfg.seed)
@@ -161,7 +189,8 @@ def run(params: dict, processed_dir: str | Path = "data/processed", model_dir: s
     if not (Path(model_dir) / "recommender.json").is_file():
         raise TTDSError(f"{model_dir}: no trained model (run the finetune stage first)")
     rec = load_recommender(params, model_dir=model_dir, backbone_dir=backbone_dir)
-    metrics, ranks = evaluate(rec, sequences, cfg, progress=True)
+    test_sids = test_user_sids(params, rec, processed_dir, model_dir, backbone_dir)
+    metrics, ranks = evaluate(rec, sequences, cfg, progress=True, test_user_sids=test_sids)
     with atomic_dir(out_dir) as tmp:
         write_parquet(Path(tmp) / "ranks.parquet", ranks)
     write_json(metrics_path, metrics)

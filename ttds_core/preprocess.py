@@ -17,7 +17,7 @@ Steps, in order (each one documented where it happens):
 7. split: in each sequence the last item is the test target, the second last the
    validation target, the rest train;
 8. texts: items rendered from their metadata; users from TRAINING interactions only
-   (`build_user_texts`).
+   (`user_text.user_texts`).
 Everything is computed before anything is written, and `data/processed` is swapped in as a
 whole (`atomic_dir`), so a bad input never leaves a half-written folder.
 """
@@ -36,7 +36,8 @@ from .data_source import DataConfig, check_root
 from .errors import TTDSError
 from .io import atomic_dir, write_json
 from .readers import RawData, read_amazon2018, read_generic, read_lcrec
-from .text import render_fields, truncate
+from .text import render_fields
+from .user_text import user_texts
 
 MIN_USER_INTERACTIONS = 3  # one train item + validation target + test target
 PLACEHOLDER_TITLE = "Item {original_id}"  # data.require_text false and no text for an item
@@ -187,43 +188,6 @@ def render_item_texts(items: pd.DataFrame, max_chars: int) -> list[str]:
                           max_chars) for t, b, c, d in zip(*cols)]
 
 
-def build_user_texts(inter: pd.DataFrame, titles: np.ndarray, cfg: DataConfig) -> tuple[list[str], int]:
-    """User text from TRAINING interactions only, most recent first; (texts, users with reviews).
-
-    Where the user has training reviews: their `data.user_text_items` most recent training
-    reviews ("summary: review", each cut to `data.review_chars`, repeats dropped).
-    Otherwise: the titles of their `data.user_text_items` most recent training items. Validation/test rows are
-    never read, so neither the targets nor their reviews can leak into the user text.
-    `inter` must be sorted by user_id then pos; `titles[item_id]` is the item title.
-    """
-    n_users = int(inter["user_id"].max()) + 1
-    train = inter[inter["split"] == "train"]
-    starts = np.searchsorted(train["user_id"].to_numpy(), np.arange(n_users + 1))
-    items = train["item_id"].to_numpy()
-    reviews = train["review"].astype(object).where(train["review"].notna(), None).tolist()
-    summaries = train["summary"].astype(object).where(train["summary"].notna(), None).tolist()
-    n = cfg.user_text_items
-    texts, with_reviews = [], 0
-    for user in range(n_users):
-        lo, hi = starts[user], starts[user + 1]
-        entries = []
-        for row in range(hi - 1, lo - 1, -1):
-            if len(entries) == n:
-                break
-            parts = [p for p in (summaries[row], reviews[row]) if p]
-            entry = truncate(": ".join(parts), cfg.review_chars)
-            # Amazon repeats one review over product variants: say it once.
-            if parts and entry not in entries:
-                entries.append(entry)
-        if entries:
-            with_reviews += 1
-            texts.append(truncate("Reviews: " + " | ".join(entries), cfg.user_text_chars))
-        else:
-            recent = [titles[i] for i in items[max(lo, hi - n):hi][::-1]]
-            texts.append(truncate("Recent items: " + "; ".join(recent), cfg.user_text_chars))
-    return texts, with_reviews
-
-
 # --------------------------------------------------------------------------- tables
 
 @dataclass
@@ -275,7 +239,7 @@ def process(cfg: DataConfig, raw: RawData) -> Processed:
                                         "review": "string", "summary": "string"})
 
     items = _item_table(raw, item_codes, cfg)
-    texts, with_reviews = build_user_texts(interactions, items["title"].to_numpy(), cfg)
+    texts, with_reviews = user_texts(interactions, items["title"].to_numpy(), cfg.user_text)
     users = pd.DataFrame({"user_id": np.arange(len(user_codes), dtype=np.int64),
                           "original_id": raw.user_ids[user_codes].astype(str), "text": texts})
     starts = np.flatnonzero(pos == 0)

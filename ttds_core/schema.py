@@ -30,6 +30,7 @@ TASKS = ("seqrec", "next_user", "preference", "ts_align")
 SEQREC_FORMATS = ("prefix", "packed")
 SID_SOFTMAX = ("vocab", "sid")
 SCORINGS = ("full", "sid")
+USER_PROFILES = ("fresh", "training")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 INITS = ("random", "semantic")
 BASELINE_MODELS = ("mostpop", "sasrec", "gru4rec", "bert4rec", "fmlprec")
@@ -156,6 +157,7 @@ SCHEMA: dict[str, Param] = {
     "eval.scoring": Param(str, choices=SCORINGS),
     "eval.ks": Param(list, items=int),
     "eval.popularity_prior": Param(NUMBER, 0),
+    "eval.user_profile": Param(str, choices=USER_PROFILES),
     "serve.topk": Param(int, 1),
     "serve.mask_history": Param(bool),
     "serve.max_users": Param(int, 1, null=True),

@@ -1,0 +1,128 @@
+"""The test-time user profile: the user text through a chosen split, the user SIDs re-derived
+from it as the model's own table was, and evaluate ranking test (only test) with them."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from test_evaluate import PARAMS, SEQUENCES, rec  # noqa: F401  (the fixture)
+from ttds_core import evaluate as ev
+from ttds_core import user_profile as up
+from ttds_core.embedding import embed_texts
+from ttds_core.errors import TTDSError
+from ttds_core.quantize import build_quantizer
+from ttds_core.sids import resolve_collisions, sid_table
+from ttds_core.user_text import UserTextRule, user_texts
+
+RULE = UserTextRule(items=10, review_chars=200, text_chars=512)
+TITLES = np.array(["Mario", "Zelda", "Halo", "Doom", "Tetris"])
+
+
+def interactions() -> pd.DataFrame:
+    """Two users; user 0 reviews every item, user 1 none; pos order, last = test."""
+    rows = []
+    for user, items in ((0, [0, 1, 2, 3]), (1, [4, 2, 0])):
+        for pos, item in enumerate(items):
+            split = "test" if pos == len(items) - 1 else "valid" if pos == len(items) - 2 else "train"
+            rows.append({"user_id": user, "item_id": item, "pos": pos, "split": split,
+                         "review": f"review of {TITLES[item]}" if user == 0 else None, "summary": None})
+    return pd.DataFrame(rows).astype({"review": "string", "summary": "string"})
+
+
+def test_texts_through_validation_add_the_validation_row_and_never_the_test_row():
+    inter = interactions()
+    train, _ = user_texts(inter, TITLES, RULE)
+    fresh, with_reviews = user_texts(inter, TITLES, RULE, up.TEST_TIME_SPLITS)
+    assert train == ["Reviews: review of Zelda | review of Mario", "Recent items: Tetris"]
+    assert fresh == ["Reviews: review of Halo | review of Zelda | review of Mario", "Recent items: Halo; Tetris"]
+    assert with_reviews == 1
+    assert not any("Doom" in t for t in train + fresh)  # user 0's test item and its review
+    assert not any("Mario" in t for t in (train[1], fresh[1]))  # user 1's test item
+
+
+@pytest.fixture
+def tower(tiny_lm):
+    """A tiny backbone, four user texts, an RQ quantizer fitted on their embeddings and the
+    user table it gives (as warmup + build_sids make it)."""
+    model, tok = tiny_lm
+    tok.padding_side = "left"
+    texts = ["great fun Mario", "Zelda controller", "kids love it", "headset cable charger"]
+    x = embed_texts(model, tok, texts, batch_size=32, max_tokens=64, progress=False)
+    torch.manual_seed(0)
+    q = build_quantizer({"kind": "rq", "in_dim": x.shape[1], "length": 2, "codebook_size": 4, "code_dim": 8,
+                         "widths": [x.shape[1], 16, 8], "seed": 0})
+    q.fit_normalisation(torch.as_tensor(x))
+    q.init_kmeans(torch.as_tensor(x), sample=len(x), iters=10, seed=0)
+    q.eval()
+    ids = np.arange(len(texts))
+    codes = q.codes(torch.as_tensor(x), ids=ids).numpy()
+    own = sid_table(ids, codes, resolve_collisions(codes), "user")
+    params = {"embed": {"batch_size": 3}, "model": {"max_text_tokens": 64},
+              "index": {"max_suffix": 8, "refresh_margin": 0.2}}
+    return model, tok, texts, q, own, params
+
+
+def test_static_index_rederives_the_models_own_table_from_the_same_texts(tower):
+    model, tok, texts, q, own, params = tower
+    again = up.fresh_user_sids(texts, own.sample(frac=1.0, random_state=0), q, model, tok, params, dynamic=False)
+    pd.testing.assert_frame_equal(again.reset_index(drop=True), own.reset_index(drop=True))
+    # another text gives that user the codes of its own embedding, everyone else keeps theirs
+    changed = ["Super Mario Bros. Nintendo Switch"] + texts[1:]
+    new = up.fresh_user_sids(changed, own, q, model, tok, params, dynamic=False)
+    x = embed_texts(model, tok, changed, batch_size=32, max_tokens=64, progress=False)
+    expect = q.codes(torch.as_tensor(x), ids=np.arange(4)).numpy()
+    assert [list(c) for c in new["codes"]] == expect.tolist()
+    assert new["codes"].iloc[1:].tolist() == own["codes"].iloc[1:].tolist()
+
+
+def test_dynamic_index_keeps_codes_within_the_refresh_margin(tower):
+    model, tok, texts, q, own, params = tower
+    changed = ["Super Mario Bros. Nintendo Switch"] + texts[1:]
+    # margin .999: a new code must be 1,000 times closer, so nobody's SID moves (hysteresis)
+    sticky = up.fresh_user_sids(changed, own, q, model, tok, {**params, "index": {"max_suffix": 8, "refresh_margin": 0.999}},
+                                dynamic=True)
+    assert sticky["sid"].tolist() == own["sid"].tolist()
+    with pytest.raises(TTDSError, match="has 4 users, the processed data 3"):
+        up.fresh_user_sids(texts[:3], own, q, model, tok, params, dynamic=False)
+
+
+def test_a_collision_set_over_max_suffix_is_one_line(tower):
+    model, tok, texts, q, own, params = tower
+    with pytest.raises(TTDSError, match="user profile at test time: .*max_suffix"):
+        up.fresh_user_sids([texts[0]] * 4, own, q, model, tok, {**params, "index": {"max_suffix": 2}}, dynamic=False)
+
+
+def test_evaluate_ranks_test_with_the_test_table_and_validation_with_the_models_own(rec):  # noqa: F811
+    cfg = ev.eval_settings(PARAMS)
+    _, base = ev.evaluate(rec, SEQUENCES, cfg)
+    other = rec.user_sids.copy()
+    other["sid"] = other["sid"].tolist()[::-1]  # every user gets another user's SID
+    metrics, ranks = ev.evaluate(rec, SEQUENCES, cfg, test_user_sids=other)
+    valid = ranks["split"] == "valid"
+    pd.testing.assert_frame_equal(ranks[valid].reset_index(drop=True), base[base["split"] == "valid"].reset_index(drop=True))
+    # test ranks are those of the model's own table renamed: the same as ranking with `other` as the model's table
+    swapped = copy.copy(rec)
+    swapped.user_sids = other
+    _, expect = ev.evaluate(swapped, SEQUENCES, cfg)
+    pd.testing.assert_frame_equal(ranks[~valid].reset_index(drop=True),
+                                  expect[expect["split"] == "test"].reset_index(drop=True))
+    assert metrics["test_user_sids_changed"] == 1.0
+    assert ev.evaluate(rec, SEQUENCES, cfg)[0]["test_user_sids_changed"] == 0.0
+
+
+def test_training_profile_and_no_user_tower_keep_the_models_table(rec):  # noqa: F811
+    params = copy.deepcopy(PARAMS)
+    params["eval"]["user_profile"] = "training"
+    assert up.test_user_sids(params, rec, "missing", "missing", "missing") is rec.user_sids
+    no_tower = copy.copy(rec)
+    no_tower.user_sids = None
+    params["eval"]["user_profile"] = "fresh"
+    assert up.test_user_sids(params, no_tower, "missing", "missing", "missing") is None
+    params["eval"]["user_profile"] = "stale"
+    with pytest.raises(TTDSError, match="eval.user_profile"):
+        ev.eval_settings(params)
