@@ -42,9 +42,7 @@ from bench.context_shift import case_ranks, ndcg_hr
 
 
 def profile_texts(inter: pd.DataFrame, titles: np.ndarray, params: dict, which: str) -> list[str]:
-    """Every user's text: `usual` (training rows), `stale` (less the last training row) or
-    `fresh` (training rows and the validation row: what `eval.user_profile: fresh` uses)."""
-    from ttds_core.user_profile import TEST_TIME_SPLITS
+    """Every user's text: `usual` (training rows) or `stale` (less the last training row)."""
     from ttds_core.user_text import UserTextRule, user_texts
 
     inter = inter.sort_values(["user_id", "pos"]).reset_index(drop=True)
@@ -54,8 +52,7 @@ def profile_texts(inter: pd.DataFrame, titles: np.ndarray, params: dict, which: 
         last = inter.loc[train].groupby("user_id").tail(1).index
         split[last] = "dropped"
     inter = inter.assign(split=split)
-    return user_texts(inter, titles, UserTextRule.from_params(params),
-                      TEST_TIME_SPLITS if which == "fresh" else ("train",))[0]
+    return user_texts(inter, titles, UserTextRule.from_params(params))[0]
 
 
 def main(argv=None) -> dict:
@@ -67,7 +64,7 @@ def main(argv=None) -> dict:
     from ttds_core.evaluate import eval_settings
     from ttds_core.ranker import PromptBuilder, ranker_for
     from ttds_core.recommender import load_final_quantizers, load_recommender
-    from ttds_core.user_profile import fresh_user_sids
+    from ttds_core.user_profile import fresh_user_sids, test_time_texts
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", default=".", help="the workspace holding the trained TTDS")
@@ -97,8 +94,9 @@ def main(argv=None) -> dict:
     tables = {}
     for which in ("usual", "stale") + (("fresh",) if args.read_test else ()):
         quantizer = load_final_quantizers(root / "data" / "model")["user"]  # a dynamic derivation re-fits it
-        tables[which] = fresh_user_sids(profile_texts(inter, titles, params, which), rec.user_sids, quantizer,
-                                        embedder, tokenizer, params, dynamic)
+        texts = (test_time_texts(processed, params)[0] if which == "fresh"  # what evaluate ranks test with
+                 else profile_texts(inter, titles, params, which))
+        tables[which] = fresh_user_sids(texts, rec.user_sids, quantizer, embedder, tokenizer, params, dynamic)
     own = rec.user_sids.sort_values("user_id").reset_index(drop=True)
     same = float((tables["usual"]["sid"].to_numpy() == own["sid"].to_numpy()).mean())
     print(f"usual profile re-derived: {same:.1%} of the model's user SIDs", flush=True)

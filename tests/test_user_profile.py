@@ -34,6 +34,24 @@ def interactions() -> pd.DataFrame:
     return pd.DataFrame(rows).astype({"review": "string", "summary": "string"})
 
 
+def test_a_validation_row_not_known_to_precede_the_test_target_is_withheld(tmp_path):
+    inter = interactions()
+    inter["timestamp"] = pd.array([1, 2, 3, 4, 1, 5, 5], dtype="Int64")  # user 1: validation and test tied
+    inter.loc[2, "review"] = inter.loc[3, "review"]  # user 0: one review over two variants (valid = test)
+    titles = pd.DataFrame({"item_id": range(len(TITLES)), "title": TITLES})
+    inter.to_parquet(tmp_path / "interactions.parquet")
+    titles.to_parquet(tmp_path / "items.parquet")
+    params = {"data": {"user_text_items": 10, "review_chars": 200, "user_text_chars": 512}}
+    texts, withheld = up.test_time_texts(tmp_path, params)
+    assert withheld == 2 and texts == user_texts(inter.sort_values(["user_id", "pos"]), TITLES, RULE)[0]
+    assert not any("Doom" in t for t in texts)
+    inter["timestamp"] = pd.array([1, 2, 3, 4, 1, 5, 6], dtype="Int64")
+    inter.loc[2, "review"] = "review of Halo"
+    inter.to_parquet(tmp_path / "interactions.parquet")
+    texts, withheld = up.test_time_texts(tmp_path, params)
+    assert withheld == 0 and texts == user_texts(inter, TITLES, RULE, up.TEST_TIME_SPLITS)[0]
+
+
 def test_texts_through_validation_add_the_validation_row_and_never_the_test_row():
     inter = interactions()
     train, _ = user_texts(inter, TITLES, RULE)
@@ -87,14 +105,21 @@ def test_dynamic_index_keeps_codes_within_the_refresh_margin(tower):
     sticky = up.fresh_user_sids(changed, own, q, model, tok, {**params, "index": {"max_suffix": 8, "refresh_margin": 0.999}},
                                 dynamic=True)
     assert sticky["sid"].tolist() == own["sid"].tolist()
-    with pytest.raises(TTDSError, match="has 4 users, the processed data 3"):
+
+
+def test_a_user_table_of_other_users_is_one_line(tower):
+    model, tok, texts, q, own, params = tower
+    with pytest.raises(TTDSError, match="does not match the 3 users of the processed data"):
         up.fresh_user_sids(texts[:3], own, q, model, tok, params, dynamic=False)
 
 
-def test_a_collision_set_over_max_suffix_is_one_line(tower):
+def test_a_collision_set_over_max_suffix_stops_a_static_index_and_keeps_a_dynamic_table(tower, caplog):
     model, tok, texts, q, own, params = tower
+    few = {**params, "index": {"max_suffix": 2, "refresh_margin": 0.0}}
     with pytest.raises(TTDSError, match="user profile at test time: .*max_suffix"):
-        up.fresh_user_sids([texts[0]] * 4, own, q, model, tok, {**params, "index": {"max_suffix": 2}}, dynamic=False)
+        up.fresh_user_sids([texts[0]] * 4, own, q, model, tok, few, dynamic=False)
+    kept = up.fresh_user_sids([texts[0]] * 4, own, q, model, tok, few, dynamic=True)  # as a refresh does
+    assert kept["sid"].tolist() == own["sid"].tolist() and "SIDs kept" in caplog.text
 
 
 def test_evaluate_ranks_test_with_the_test_table_and_validation_with_the_models_own(rec):  # noqa: F811
@@ -113,16 +138,23 @@ def test_evaluate_ranks_test_with_the_test_table_and_validation_with_the_models_
                                   expect[expect["split"] == "test"].reset_index(drop=True))
     assert metrics["test_user_sids_changed"] == 1.0
     assert ev.evaluate(rec, SEQUENCES, cfg)[0]["test_user_sids_changed"] == 0.0
+    # the share counts the ranked users only
+    one_changed = rec.user_sids.copy()
+    one_changed.loc[0, "sid"] = one_changed.loc[1, "sid"]
+    sample = copy.deepcopy(PARAMS)
+    sample["eval"]["max_users"] = 2
+    picked = ev.select_users(SEQUENCES, 2, PARAMS["seed"])["user_id"].tolist()
+    share = ev.evaluate(rec, SEQUENCES, ev.eval_settings(sample), test_user_sids=one_changed)[0]["test_user_sids_changed"]
+    assert share == (0.5 if 0 in picked else 0.0)
 
 
 def test_training_profile_and_no_user_tower_keep_the_models_table(rec):  # noqa: F811
     params = copy.deepcopy(PARAMS)
-    params["eval"]["user_profile"] = "training"
-    assert up.test_user_sids(params, rec, "missing", "missing", "missing") is rec.user_sids
+    table, withheld = up.test_user_sids("training", params, rec, "missing", "missing", "missing")
+    assert table is rec.user_sids and withheld == 0
     no_tower = copy.copy(rec)
     no_tower.user_sids = None
-    params["eval"]["user_profile"] = "fresh"
-    assert up.test_user_sids(params, no_tower, "missing", "missing", "missing") is None
+    assert up.test_user_sids("fresh", params, no_tower, "missing", "missing", "missing") == (None, 0)
     params["eval"]["user_profile"] = "stale"
     with pytest.raises(TTDSError, match="eval.user_profile"):
         ev.eval_settings(params)

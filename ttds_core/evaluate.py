@@ -162,18 +162,20 @@ def evaluate(rec, sequences: pd.DataFrame, cfg: EvalSettings, progress: bool = F
         "headline": "test_masked" if cfg.mask_history else "test",
         "user_tower": rec.user_sids is not None,
         "test_user_profile": (cfg.user_profile if rec.user_sids is not None else None),
-        "test_user_sids_changed": _share_changed(rec.user_sids, user_sids["test"]),
+        "test_user_sids_changed": _share_changed(rec.user_sids, user_sids["test"], users["user_id"]),
         "seconds": round(time.perf_counter() - start, 1),
     })
     return metrics, ranks
 
 
-def _share_changed(own: pd.DataFrame | None, test: pd.DataFrame | None) -> float | None:
-    """Share of users whose test-prompt SID differs from the model's own (None: no user tower)."""
+def _share_changed(own: pd.DataFrame | None, test: pd.DataFrame | None, users) -> float | None:
+    """Share of the ranked `users` whose test-prompt SID differs from the model's own (None: no
+    user tower)."""
     if own is None or test is None:
         return None
-    a, b = own.sort_values("user_id"), test.sort_values("user_id")
-    return round(float((a["sid"].to_numpy() != b["sid"].to_numpy()).mean()), 4)
+    a, b = own.set_index("user_id")["sid"], test.set_index("user_id")["sid"]
+    users = list(users)
+    return round(float((a.loc[users].to_numpy() != b.loc[users].to_numpy()).mean()), 4)
 
 
 def run(params: dict, processed_dir: str | Path = "data/processed", model_dir: str | Path = "data/model",
@@ -189,8 +191,10 @@ def run(params: dict, processed_dir: str | Path = "data/processed", model_dir: s
     if not (Path(model_dir) / "recommender.json").is_file():
         raise TTDSError(f"{model_dir}: no trained model (run the finetune stage first)")
     rec = load_recommender(params, model_dir=model_dir, backbone_dir=backbone_dir)
-    test_sids = test_user_sids(params, rec, processed_dir, model_dir, backbone_dir)
+    test_sids, withheld = test_user_sids(cfg.user_profile, params, rec, processed_dir, model_dir, backbone_dir)
     metrics, ranks = evaluate(rec, sequences, cfg, progress=True, test_user_sids=test_sids)
+    if test_sids is not None:
+        metrics["test_profile_validation_withheld"] = withheld
     with atomic_dir(out_dir) as tmp:
         write_parquet(Path(tmp) / "ranks.parquet", ranks)
     write_json(metrics_path, metrics)

@@ -14,13 +14,22 @@ the model's own table was derived:
   embedded by the trained LLM, the quantizer's normalisation re-fitted on them, and each
   user's codes kept unless the new ones win by `index.refresh_margin` (hysteresis).
 
-Collisions are resolved among all users, as `build_sids` does. No leakage: the validation
-interaction precedes the test target. Chosen on validation (docs/benchmark.md, "The test-time
-user profile"): a profile one purchase stale cost the validation NDCG@10 about an eighth.
+Collisions are resolved among all users, as `build_sids` does (a collision set larger than
+`index.max_suffix` is an error for a static index, as in `build_sids`; a dynamic index keeps the
+model's table with a warning, as a refresh does).
+
+No leakage: the profile reads only rows before the test target. Where that order is not
+established, the validation row is withheld and the user keeps the training-only text: its
+timestamp equals the test row's (day-level Amazon timestamps: the split then rests on source
+order), or its review is the test row's review (Amazon repeats one review over the variants of
+a product, so the user's words about the test item would enter its prompt). `evaluate` records
+how many users that is. Chosen on validation (docs/benchmark.md, "The test-time user
+profile"): a profile one purchase stale cost the validation NDCG@10 about an eighth.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -31,20 +40,43 @@ from .errors import TTDSError
 from .io import read_parquet
 from .user_text import UserTextRule, user_texts
 
+log = logging.getLogger(__name__)
+
 PROFILES = ("fresh", "training")
 TEST_TIME_SPLITS = ("train", "valid")  # everything before the test target
 
 
-def test_time_texts(processed_dir: str | Path, params: dict) -> list[str]:
-    """Every user's text from their training and validation interactions (row i = user i)."""
+def withheld_validation_rows(inter: pd.DataFrame) -> pd.Series:
+    """Per user (indexed by user_id), True where the validation row may not precede the test
+    target: the same timestamp, or the same review text (module docstring)."""
+    rows = inter.set_index("user_id")
+    valid = rows[rows["split"] == "valid"]
+    test = rows[rows["split"] == "test"].reindex(valid.index)
+    withheld = pd.Series(False, index=valid.index)
+    for column in ("timestamp", "review"):
+        a, b = valid[column], test[column]
+        both = (a.notna() & b.notna()).to_numpy()
+        same = np.zeros(len(valid), dtype=bool)
+        same[both] = a.to_numpy(dtype=object)[both] == b.to_numpy(dtype=object)[both]
+        withheld |= same
+    return withheld
+
+
+def test_time_texts(processed_dir: str | Path, params: dict) -> tuple[list[str], int]:
+    """Every user's text from their training and validation interactions (row i = user i), and
+    the number of users whose validation row was withheld (`withheld_validation_rows`)."""
     processed_dir = Path(processed_dir)
     inter = read_parquet(processed_dir / "interactions.parquet",
-                         ["user_id", "item_id", "pos", "split", "review", "summary"])
+                         ["user_id", "item_id", "pos", "split", "timestamp", "review", "summary"])
     items = read_parquet(processed_dir / "items.parquet", ["item_id", "title"]).sort_values("item_id")
     if not np.array_equal(items["item_id"].to_numpy(), np.arange(len(items))):
         raise TTDSError(f"{processed_dir / 'items.parquet'}: 'item_id' must be 0..n-1 without gaps")
     inter = inter.sort_values(["user_id", "pos"]).reset_index(drop=True)
-    return user_texts(inter, items["title"].to_numpy(), UserTextRule.from_params(params), TEST_TIME_SPLITS)[0]
+    withheld = withheld_validation_rows(inter)
+    drop = (inter["split"] == "valid") & inter["user_id"].map(withheld).fillna(False).astype(bool)
+    inter = inter.assign(split=inter["split"].where(~drop, "withheld"))
+    texts = user_texts(inter, items["title"].to_numpy(), UserTextRule.from_params(params), TEST_TIME_SPLITS)[0]
+    return texts, int(withheld.sum())
 
 
 def fresh_user_sids(texts: list[str], own: pd.DataFrame, quantizer, embedder, tokenizer, params: dict,
@@ -58,12 +90,14 @@ def fresh_user_sids(texts: list[str], own: pd.DataFrame, quantizer, embedder, to
 
     own = own.sort_values("user_id").reset_index(drop=True)
     if not np.array_equal(own["user_id"].to_numpy(), np.arange(len(texts))):
-        raise TTDSError(f"the model's user table has {len(own)} users, the processed data "
-                        f"{len(texts)} (data/processed and data/model are from different runs?)")
+        raise TTDSError(f"the model's user table (user ids 0..{len(own) - 1} expected, {len(own)} rows) does not "
+                        f"match the {len(texts)} users of the processed data (data/processed and data/model "
+                        "are from different runs?)")
     x = embed_texts(embedder, tokenizer, texts, batch_size=get(params, "embed.batch_size", int, 32, min_value=1),
-                    max_tokens=get(params, "model.max_text_tokens", int, 64, min_value=1), progress=False)
+                    max_tokens=get(params, "model.max_text_tokens", int, 64, min_value=1), progress=False,
+                    label="user")
     if not np.isfinite(x).all():
-        raise TTDSError("user profile: the backbone produced non-finite embeddings (try model.dtype: float32)")
+        raise TTDSError("user profile at test time: non-finite embeddings (try model.dtype: float32)")
     if dynamic:
         quantizer.fit_normalisation(x)
         previous = np.asarray([list(c) for c in own["codes"]], dtype=np.int64)
@@ -76,16 +110,22 @@ def fresh_user_sids(texts: list[str], own: pd.DataFrame, quantizer, embedder, to
     try:
         suffix = resolve_collisions(codes, ids, max_suffix=max_suffix)
     except TTDSError as exc:
-        raise TTDSError(f"user profile at test time: {exc}") from None
+        if not dynamic:
+            raise TTDSError(f"user profile at test time: {exc}") from None
+        log.warning("user profile at test time: %s; the model's user SIDs kept (as a refresh would)", exc)
+        return own
     return sid_table(ids, codes, suffix, "user")
 
 
-def test_user_sids(params: dict, rec, processed_dir: str | Path, model_dir: str | Path,
-                   backbone_dir: str | Path) -> pd.DataFrame | None:
-    """The user table for the test prompts under `eval.user_profile`: the model's own table
-    (`training`), or re-derived from the test-time texts (`fresh`); None without a user tower."""
-    if rec.user_sids is None or get(params, "eval.user_profile", str, "fresh", choices=PROFILES) == "training":
-        return rec.user_sids
+def test_user_sids(profile: str, params: dict, rec, processed_dir: str | Path, model_dir: str | Path,
+                   backbone_dir: str | Path) -> tuple[pd.DataFrame | None, int]:
+    """The user table for the test prompts under `eval.user_profile` = `profile`: the model's
+    own table (`training`), or re-derived from the test-time texts (`fresh`); None without a user
+    tower. Also the number of users whose validation row was withheld from their text."""
+    if rec.user_sids is None or profile == "training":
+        return rec.user_sids, 0
+    import torch
+
     from .backbone import load_backbone
     from .recommender import load_final_quantizers
 
@@ -93,10 +133,15 @@ def test_user_sids(params: dict, rec, processed_dir: str | Path, model_dir: str 
     if "user" not in quantizers:
         raise TTDSError(f"{Path(model_dir) / 'quantizers.safetensors'}: no user quantizer "
                         "(the model has a user table; rerun finetune)")
-    dynamic = get(params, "index.dynamic", bool, True)
-    if dynamic:
-        embedder, tokenizer = rec.model, rec.tokenizer
+    texts, withheld = test_time_texts(processed_dir, params)
+    if get(params, "index.dynamic", bool):
+        # a refresh embeds with the training LLM (LoRA unmerged); the merged model is the same
+        # function up to rounding
+        table = fresh_user_sids(texts, rec.user_sids, quantizers["user"], rec.model, rec.tokenizer, params, True)
     else:
-        embedder, tokenizer = load_backbone(params, device=rec.device, backbone_dir=backbone_dir)
-    return fresh_user_sids(test_time_texts(processed_dir, params), rec.user_sids, quantizers["user"],
-                           embedder, tokenizer, params, dynamic)
+        backbone, tokenizer = load_backbone(params, device=rec.device, backbone_dir=backbone_dir)
+        table = fresh_user_sids(texts, rec.user_sids, quantizers["user"], backbone, tokenizer, params, False)
+        del backbone  # a second copy of the backbone beside the recommender: free it before ranking
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return table, withheld
