@@ -18,7 +18,7 @@ With the trained model of the workspace at `--root`, on every user:
   the fresh one.
 
 A profile is rendered by the preprocess rule and given SIDs exactly as `evaluate` derives
-the test-time profile (`ttds_core.user_profile.fresh_user_sids`: for a static index, embedded
+the test-time profile (`ttds_core.user_profile.user_sids_of`: for a static index, embedded
 by the backbone as the `embed` stage does, coded by the model's final user quantizer, a unique
 SID by the collision suffix among all users; for a dynamic one, as one more refresh would).
 The usual arm is the model's own user table; the same derivation applied to the usual profile
@@ -59,12 +59,11 @@ def main(argv=None) -> dict:
     import torch
     from scipy import stats
 
-    from ttds_core.backbone import load_backbone
     from ttds_core.config import seed_everything
     from ttds_core.evaluate import eval_settings
     from ttds_core.ranker import PromptBuilder, ranker_for
-    from ttds_core.recommender import load_final_quantizers, load_recommender
-    from ttds_core.user_profile import fresh_user_sids, test_time_texts
+    from ttds_core.recommender import load_recommender
+    from ttds_core.user_profile import test_time_texts, user_sids_of
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", default=".", help="the workspace holding the trained TTDS")
@@ -86,17 +85,11 @@ def main(argv=None) -> dict:
     rec = load_recommender(params, model_dir=root / "data" / "model", backbone_dir=root / "data" / "backbone")
     if rec.user_sids is None:
         raise SystemExit("the model has no user tower: nothing to measure")
-    dynamic = bool(params["index"]["dynamic"])
-    if dynamic:  # a refresh embeds with the trained LLM (ttds_core.user_profile)
-        embedder, tokenizer = rec.model, rec.tokenizer
-    else:
-        embedder, tokenizer = load_backbone(params, backbone_dir=root / "data" / "backbone")
     tables = {}
     for which in ("usual", "stale") + (("fresh",) if args.read_test else ()):
-        quantizer = load_final_quantizers(root / "data" / "model")["user"]  # a dynamic derivation re-fits it
         texts = (test_time_texts(processed, params)[0] if which == "fresh"  # what evaluate ranks test with
                  else profile_texts(inter, titles, params, which))
-        tables[which] = fresh_user_sids(texts, rec.user_sids, quantizer, embedder, tokenizer, params, dynamic)
+        tables[which] = user_sids_of(texts, params, rec, root / "data" / "model", root / "data" / "backbone")
     own = rec.user_sids.sort_values("user_id").reset_index(drop=True)
     same = float((tables["usual"]["sid"].to_numpy() == own["sid"].to_numpy()).mean())
     print(f"usual profile re-derived: {same:.1%} of the model's user SIDs", flush=True)

@@ -84,7 +84,7 @@ def fresh_user_sids(texts: list[str], own: pd.DataFrame, quantizer, embedder, to
     """The user SID table of `texts` (row i = user i), derived as the model's own table `own`
     was (module docstring). `embedder`: the backbone for a static index, the trained LLM for a
     dynamic one."""
-    from .dynamic import quantize_codes
+    from .dynamic import quantize_codes, table_codes
     from .embedding import embed_texts
     from .sids import resolve_collisions, sid_table
 
@@ -100,7 +100,7 @@ def fresh_user_sids(texts: list[str], own: pd.DataFrame, quantizer, embedder, to
         raise TTDSError("user profile at test time: non-finite embeddings (try model.dtype: float32)")
     if dynamic:
         quantizer.fit_normalisation(x)
-        previous = np.asarray([list(c) for c in own["codes"]], dtype=np.int64)
+        previous = table_codes(own, "user_id")
         margin = get(params, "index.refresh_margin", float, 0.2, min_value=0.0)
         codes = quantize_codes(quantizer, x, previous, margin)
     else:
@@ -117,6 +117,32 @@ def fresh_user_sids(texts: list[str], own: pd.DataFrame, quantizer, embedder, to
     return sid_table(ids, codes, suffix, "user")
 
 
+def user_sids_of(texts: list[str], params: dict, rec, model_dir: str | Path,
+                 backbone_dir: str | Path) -> pd.DataFrame:
+    """The user SID table the trained model in `model_dir` (loaded as `rec`) gives `texts`
+    (row i = user i), derived as its own table was (`fresh_user_sids`): the final user
+    quantizer, and the backbone (static index) or the trained LLM (dynamic index)."""
+    import torch
+
+    from .backbone import load_backbone
+    from .recommender import load_final_quantizers
+
+    quantizers = load_final_quantizers(model_dir)  # loaded per call: a dynamic derivation re-fits it
+    if "user" not in quantizers:
+        raise TTDSError(f"{Path(model_dir) / 'quantizers.safetensors'}: no user quantizer "
+                        "(the model has a user table; rerun finetune)")
+    if get(params, "index.dynamic", bool):
+        # a refresh embeds with the training LLM (LoRA unmerged); the merged model is the same
+        # function up to rounding
+        return fresh_user_sids(texts, rec.user_sids, quantizers["user"], rec.model, rec.tokenizer, params, True)
+    backbone, tokenizer = load_backbone(params, device=rec.device, backbone_dir=backbone_dir)
+    table = fresh_user_sids(texts, rec.user_sids, quantizers["user"], backbone, tokenizer, params, False)
+    del backbone  # a second copy of the backbone beside the recommender: free it before ranking
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return table
+
+
 def test_user_sids(profile: str, params: dict, rec, processed_dir: str | Path, model_dir: str | Path,
                    backbone_dir: str | Path) -> tuple[pd.DataFrame | None, int]:
     """The user table for the test prompts under `eval.user_profile` = `profile`: the model's
@@ -124,24 +150,5 @@ def test_user_sids(profile: str, params: dict, rec, processed_dir: str | Path, m
     tower. Also the number of users whose validation row was withheld from their text."""
     if rec.user_sids is None or profile == "training":
         return rec.user_sids, 0
-    import torch
-
-    from .backbone import load_backbone
-    from .recommender import load_final_quantizers
-
-    quantizers = load_final_quantizers(model_dir)
-    if "user" not in quantizers:
-        raise TTDSError(f"{Path(model_dir) / 'quantizers.safetensors'}: no user quantizer "
-                        "(the model has a user table; rerun finetune)")
     texts, withheld = test_time_texts(processed_dir, params)
-    if get(params, "index.dynamic", bool):
-        # a refresh embeds with the training LLM (LoRA unmerged); the merged model is the same
-        # function up to rounding
-        table = fresh_user_sids(texts, rec.user_sids, quantizers["user"], rec.model, rec.tokenizer, params, True)
-    else:
-        backbone, tokenizer = load_backbone(params, device=rec.device, backbone_dir=backbone_dir)
-        table = fresh_user_sids(texts, rec.user_sids, quantizers["user"], backbone, tokenizer, params, False)
-        del backbone  # a second copy of the backbone beside the recommender: free it before ranking
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    return table, withheld
+    return user_sids_of(texts, params, rec, model_dir, backbone_dir), withheld

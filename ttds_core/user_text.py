@@ -8,7 +8,8 @@ One rule, applied to different cut-offs of the same sequence:
 - `evaluate` renders the test-time profile from the training AND validation interactions
   (`splits=("train", "valid")`, `user_profile.py`): everything before the test target, as the
   test prompt's item history already holds it. Still no leak: the validation interaction
-  precedes the test target.
+  precedes the test target (where that order is not established, `user_profile.py` withholds
+  the validation row).
 """
 
 from __future__ import annotations
