@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from safetensors.torch import save_file
 
 from ttds_core import finetune
 from ttds_core import model as ttds_model
@@ -392,12 +393,45 @@ def test_warm_start_goes_on_from_a_saved_model_and_refuses_another(project, caps
         assert Path("data/model", name).read_bytes() == Path("first", name).read_bytes()
     metrics = json.loads(Path("metrics/finetune.json").read_text())
     assert metrics["warm_start"]["from"] == "first" and len(metrics["warm_start"]["sha256"]) == 64
+    # the same trainable tensors with other quantizers: another warm-start stamp (a checkpoint of
+    # the first run must not be resumed by this one)
+    quantizers = load_tensors("first/quantizers.safetensors")
+    name = next(k for k, v in quantizers.items() if v.is_floating_point() and v.numel())
+    quantizers[name] = quantizers[name] * 1.5
+    save_file(quantizers, "first/quantizers.safetensors")
+    finetune.run(frozen, warm_start="first")
+    other = json.loads(Path("metrics/finetune.json").read_text())["warm_start"]["sha256"]
+    assert other != metrics["warm_start"]["sha256"]
     # a model of other shapes, or a folder without the tensors: one line, nothing trained
     with pytest.raises(TTDSError, match="does not fit this model"):
         finetune.run(_dynamic_params(**{"lora.r": 2}), warm_start="first")
     Path("first/trainable.safetensors").unlink()
     with pytest.raises(TTDSError, match="no trainable.safetensors there"):
         finetune.run(frozen, warm_start="first")
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_serving_derives_every_users_sid_from_all_their_interactions(project, dynamic):
+    """precompute and recommend on a trained model folder, with the real derivation
+    (user_profile.user_sids_of): the backbone and final quantizer, or the trained LLM."""
+    from ttds_core import serve
+
+    params = _dynamic_params(**{"index.dynamic": dynamic, "train.max_steps": 4, "serve.max_users": 2})
+    finetune.run(params)
+    meta = serve.run_precompute(params)
+    own = read_parquet("data/model/user_sids.parquet").sort_values("user_id")
+    table = read_parquet("data/serving/user_sids.parquet").sort_values("user_id")
+    assert meta["user_profile"] == "fresh" and table["user_id"].tolist() == own["user_id"].tolist()
+    assert table["sid"].is_unique and 0.0 <= meta["user_sids_changed"] <= 1.0
+    cached = set(read_parquet("data/serving/topk.parquet")["user_id"].tolist())
+    other = next(u for u in own["user_id"].tolist() if u not in cached)
+    user_id, ranked, source = serve.recommend(params, str(other), 3)
+    assert (user_id, source) == (other, "model") and len(ranked) == 3
+    # the training-time profile: the model's own table, and another cache key
+    training = {**params, "serve": {**params["serve"], "user_profile": "training"}}
+    meta = serve.run_precompute(training)
+    assert meta["user_sids_changed"] == 0.0
+    assert read_parquet("data/serving/user_sids.parquet")["sid"].tolist() == own["sid"].tolist()
 
 
 def test_max_minutes_stops_training_early_and_still_saves(project):

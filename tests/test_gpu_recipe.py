@@ -5,7 +5,6 @@ training on from it (warm start)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import subprocess
@@ -21,6 +20,7 @@ from test_finetune_helpers import REPO, toy_params
 from test_preprocess import random_lcrec
 from ttds_core import gpu_recipe
 from ttds_core.errors import TTDSError
+from ttds_core.finetune import warm_start_digest
 
 RETURN_FILES, RETURN_FILE_MIB, RETURN_MIB = 8, 16, 64
 
@@ -114,7 +114,7 @@ def test_pack_run_unpack_and_rank_again(source, tmp_path):
     check_return_limits(out3)
     warm = body3["metrics"]["finetune.json"]["warm_start"]
     assert warm["from"] == "resume/data/model" and body3["metrics"]["finetune.json"]["steps"] == 2
-    assert warm["sha256"] == hashlib.sha256((unpacked / "data" / "model" / "trainable.safetensors").read_bytes()).hexdigest()
+    assert warm["sha256"] == warm_start_digest(unpacked / "data" / "model", ["item", "user"])
     assert "warm start from resume/data/model" in (out3 / "log.txt").read_text()
 
     # a model trained with other params is not ranked as if it were this one

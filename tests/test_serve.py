@@ -13,7 +13,8 @@ from ttds_core.errors import TTDSError
 
 SERVE_PARAMS = copy.deepcopy(PARAMS)
 SERVE_PARAMS["eval"].update(beams=6, batch_size=4)
-SERVE_PARAMS["serve"] = {"topk": 5, "mask_history": True, "max_users": None}
+# the training-time user SID: the fresh profile needs a trained model folder (the last tests)
+SERVE_PARAMS["serve"] = {"topk": 5, "mask_history": True, "max_users": None, "user_profile": "training"}
 SERVE_PARAMS["model"] = {"path": "tiny", "num_layers": None}
 
 
@@ -131,3 +132,74 @@ def test_popularity_prior_in_serving_counts_every_interaction_and_changes_the_ca
     paths = {k: v for k, v in dirs.items() if k not in ("processed_dir", "out_dir")}
     assert serve.fingerprint(params, **paths, processed_dir=dirs["processed_dir"]) != serve.fingerprint(
         SERVE_PARAMS, **paths, processed_dir=dirs["processed_dir"])
+
+
+@pytest.fixture
+def fresh(rec, dirs, monkeypatch):  # noqa: F811
+    """serve.user_profile: fresh, with the derivation replaced by a table that swaps two users'
+    SIDs (the real derivation: test_user_profile.py); `calls` counts the derivations."""
+    from ttds_core import user_profile
+
+    params = copy.deepcopy(SERVE_PARAMS)
+    params["serve"]["user_profile"] = "fresh"
+    params["data"].update(user_text_items=10, review_chars=200, user_text_chars=512)
+    params["index"] = {"dynamic": False, "max_suffix": 8}
+    table = rec.user_sids.copy()
+    table.loc[[0, 1], "sid"] = table.loc[[1, 0], "sid"].to_numpy()
+    calls = []
+
+    def derive(texts, params_, rec_, model_dir, backbone_dir):
+        calls.append(texts)
+        return table
+
+    monkeypatch.setattr(user_profile, "user_sids_of", derive)
+    rows = [{"user_id": u, "item_id": i, "pos": k, "split": "test" if k == len(items) - 1 else
+             "valid" if k == len(items) - 2 else "train", "timestamp": None, "review": None, "summary": None}
+            for u, items in zip(SEQUENCES["user_id"], SEQUENCES["items"]) for k, i in enumerate(items)]
+    pd.DataFrame(rows).astype({"timestamp": "Int64", "review": "string", "summary": "string"}).to_parquet(
+        dirs["processed_dir"] / "interactions.parquet")
+    return params, table, calls
+
+
+def test_fresh_profile_serves_every_user_with_the_table_of_all_their_interactions(rec, dirs, fresh):  # noqa: F811
+    params, table, calls = fresh
+    paths = {k: v for k, v in dirs.items() if k != "processed_dir"}
+    meta = serve.run_precompute(params, processed_dir=dirs["processed_dir"], rec=rec, **paths)
+    assert len(calls) == 1 and meta["user_profile"] == "fresh" and meta["user_sids_changed"] == 0.5
+    # the texts hold every split: each user's most recent item (the test item) comes first
+    last = {u: items[-1] for u, items in zip(SEQUENCES["user_id"], SEQUENCES["items"])}
+    assert all(text.startswith(f"Recent items: Game number {last[u]}") for u, text in enumerate(calls[0]))
+    saved = pd.read_parquet(dirs["out_dir"] / "user_sids.parquet")
+    assert saved["sid"].tolist() == table["sid"].tolist()
+    cached = pd.read_parquet(dirs["out_dir"] / "topk.parquet")
+    cases = serve.serving_cases(SEQUENCES, 3)
+    want = serve.rank_users(params, cases, rec=rec, user_sids=table)
+    assert [list(x) for x in cached["items"]] == [[i for i, _ in r] for r in want]
+    assert want != serve.rank_users(params, cases, rec=rec)  # the swapped SIDs rank otherwise
+    # a user outside a partial cache: the model with the cached table, not a new derivation
+    partial = copy.deepcopy(params)
+    partial["serve"]["max_users"] = 2
+    serve.run_precompute(partial, processed_dir=dirs["processed_dir"], rec=rec, **paths)
+    other = next(u for u in range(4) if u not in pd.read_parquet(dirs["out_dir"] / "topk.parquet")["user_id"].tolist())
+    _, ranked, source = serve.recommend(partial, str(other), 5, rec=rec, **dirs)
+    assert source == "model" and len(calls) == 2
+    assert ranked == serve.rank_users(partial, serve.serving_cases(SEQUENCES, 3, users=[other]), rec=rec,
+                                      user_sids=table)[0]
+    # a stale cache: the table is derived again, for every user
+    (dirs["model_dir"] / "sid_rows.safetensors").write_bytes(b"rows-v2")
+    serve.recommend(partial, str(other), 5, rec=rec, **dirs)
+    assert len(calls) == 3
+
+
+def test_fresh_profile_is_part_of_the_cache_key(rec, dirs, fresh):  # noqa: F811
+    params, _, _ = fresh
+    key = serve.fingerprint(params, dirs["model_dir"], dirs["backbone_dir"], dirs["processed_dir"])
+    assert key != serve.fingerprint(SERVE_PARAMS, dirs["model_dir"], dirs["backbone_dir"], dirs["processed_dir"])
+    inter = pd.read_parquet(dirs["processed_dir"] / "interactions.parquet")
+    inter.loc[0, "review"] = "a new review"  # the profile's text changes, and so may its SID
+    inter.to_parquet(dirs["processed_dir"] / "interactions.parquet")
+    assert key != serve.fingerprint(params, dirs["model_dir"], dirs["backbone_dir"], dirs["processed_dir"])
+    bad = copy.deepcopy(params)
+    bad["serve"]["user_profile"] = "stale"
+    with pytest.raises(TTDSError, match="serve.user_profile"):
+        serve.serve_settings(bad)

@@ -63,6 +63,16 @@ def test_texts_through_validation_add_the_validation_row_and_never_the_test_row(
     assert not any("Mario" in t for t in (train[1], fresh[1]))  # user 1's test item
 
 
+def test_serving_texts_hold_every_interaction_the_test_row_too(tmp_path):
+    inter = interactions()
+    inter["timestamp"] = pd.array([1, 2, 3, 3, 1, 5, 5], dtype="Int64")  # ties withhold nothing at serving time
+    inter.to_parquet(tmp_path / "interactions.parquet")
+    pd.DataFrame({"item_id": range(len(TITLES)), "title": TITLES}).to_parquet(tmp_path / "items.parquet")
+    texts = up.serving_texts(tmp_path, {"data": {"user_text_items": 10, "review_chars": 200, "user_text_chars": 512}})
+    assert texts == ["Reviews: review of Doom | review of Halo | review of Zelda | review of Mario",
+                     "Recent items: Mario; Halo; Tetris"]
+
+
 @pytest.fixture
 def tower(tiny_lm):
     """A tiny backbone, four user texts, an RQ quantizer fitted on their embeddings and the

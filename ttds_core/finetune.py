@@ -99,10 +99,9 @@ def prepare(params: dict, cfg: TrainConfig, data_dir: Path, max_history: int, de
 
 def apply_warm_start(module: TTDSModule, index: IndexState, folder: Path) -> str:
     """Load a trained model folder's trainable tensors into `module` and its SID tables into
-    `index` (module docstring, "Warm start"); returns the sha256 of its trainable tensors
-    (the quantizers come from its `quantizers.safetensors`)."""
-    import hashlib
-
+    `index` (module docstring, "Warm start"); returns the sha256 over every file it read
+    (trainable tensors, quantizers, SID tables), so a checkpoint of the run resumes only
+    from the same folder content."""
     from .dynamic import sid_strings
     from .io import load_tensors, read_parquet
     from .model import TOWER_FILES
@@ -133,7 +132,17 @@ def apply_warm_start(module: TTDSModule, index: IndexState, folder: Path) -> str
                             f"{len(index.tables[tower])} (another data subset?)")
         sid_strings(table, key, len(table))  # checks completeness
         index.tables[tower] = table
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return warm_start_digest(folder, list(index.tables))
+
+
+def warm_start_digest(folder: Path, towers: list[str]) -> str:
+    """sha256 over the names and bytes of the files a warm start reads from `folder`."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in ["trainable.safetensors", "quantizers.safetensors"] + [f"{t}_sids.parquet" for t in towers]:
+        digest.update(name.encode() + b"\0" + (Path(folder) / name).read_bytes())
+    return digest.hexdigest()
 
 
 def start_accelerator(cfg: TrainConfig):

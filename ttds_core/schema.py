@@ -161,6 +161,7 @@ SCHEMA: dict[str, Param] = {
     "serve.topk": Param(int, 1),
     "serve.mask_history": Param(bool),
     "serve.max_users": Param(int, 1, null=True),
+    "serve.user_profile": Param(str, choices=USER_PROFILES),
     **{f"baselines.{key}": spec for key, spec in _BASELINE_KEYS.items()},
 }
 SECTIONS = {key.rpartition(".")[0] for key in SCHEMA if "." in key}

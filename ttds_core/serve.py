@@ -4,15 +4,22 @@ At serving time the history is the user's FULL sequence (every known interaction
 validation and test items included: they are the past by now), cut to the last
 `data.max_history` items for the prompt, as in training. With `serve.mask_history`
 the user's own items are excluded from their trie, so nothing they already have is
-recommended. Scores are the model's SID log-probabilities (`eval.scoring`), plus
-lambda * log(n_i + 1) with `eval.popularity_prior` = lambda > 0, n_i counted over every
-known interaction (at serving time all of them are the past).
+recommended. The prompt's user SID follows `serve.user_profile`: `fresh` (the default)
+re-derives every user's SID from the text of all their interactions, as `evaluate` does for
+the test prompts from everything before the test target (`user_profile.py`); `training`
+keeps the training-time SID, a profile that misses the validation and test purchases.
+Scores are the model's SID log-probabilities (`eval.scoring`), plus lambda * log(n_i + 1)
+with `eval.popularity_prior` = lambda > 0, n_i counted over every known interaction (at
+serving time all of them are the past).
 
 `precompute` ranks every user once (a seeded `serve.max_users` of them when set) and
-writes `data/serving/topk.parquet` (user_id, items, scores) and `data/serving/meta.json`
-with a fingerprint of everything the lists depend on (model files, backbone config,
-sequences, serving params). `recommend` answers from the cache when the fingerprint
-matches, else runs the model and says so.
+writes `data/serving/topk.parquet` (user_id, items, scores), the serving user table
+`data/serving/user_sids.parquet` (with a user tower), and `data/serving/meta.json` with a
+fingerprint of everything the lists depend on (model files, backbone config, sequences,
+the interactions and titles the fresh profile reads, serving params). `recommend` answers
+from the cache when the fingerprint matches, else runs the model and says so (with the
+cached user table when the fingerprint matches, else one derived for all users: collisions
+are resolved among all of them).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from .config import get
 from .errors import TTDSError
 from .io import atomic_dir, hash_files, read_json, read_parquet, write_json, write_parquet
 from .prompts import seqrec_packed
+from .user_profile import PROFILES, serving_user_sids
 
 # ranker / recommender import torch and transformers: they are imported inside
 # the functions that run the model, so a cache hit answers without loading either.
@@ -38,6 +46,7 @@ from .prompts import seqrec_packed
 RANKING_ENGINE = "ranker.py v2: trie tables, shared-prefix beam search"
 
 MODEL_DIR, BACKBONE_DIR, PROCESSED_DIR, SERVING_DIR = "data/model", "data/backbone", "data/processed", "data/serving"
+USER_SIDS_FILE = "user_sids.parquet"  # the serving user table, beside the top-K cache
 
 
 def serve_settings(params: dict) -> dict:
@@ -54,14 +63,16 @@ def serve_settings(params: dict) -> dict:
             "max_history": get(params, "data.max_history", int, min_value=1),
             "template": get(params, "train.template", int, min_value=0),
             "packed": seqrec_packed(params),
-            "popularity_prior": get(params, "eval.popularity_prior", float, 0.0, min_value=0.0)}
+            "popularity_prior": get(params, "eval.popularity_prior", float, 0.0, min_value=0.0),
+            "user_profile": get(params, "serve.user_profile", str, "fresh", choices=PROFILES)}
 
 
 def fingerprint(params: dict, model_dir: str | Path = MODEL_DIR, backbone_dir: str | Path = BACKBONE_DIR,
                 processed_dir: str | Path = PROCESSED_DIR) -> str:
     """sha256 of what a user's top-K depends on: every file of the trained model (adapter,
     SID rows and tables, tokenizer), the backbone's config and record (not its weights,
-    which are derived from `model.*`, hashed here), the sequences, and the settings."""
+    which are derived from `model.*`, hashed here), the sequences, the interactions and
+    titles (the fresh user profile's text), and the settings."""
     model_dir = Path(model_dir)
     if not (model_dir / "recommender.json").is_file():
         raise TTDSError(f"{model_dir}: no trained model (run the finetune stage first)")
@@ -70,6 +81,13 @@ def fingerprint(params: dict, model_dir: str | Path = MODEL_DIR, backbone_dir: s
     hash_files(backbone_dir, "*.json", h=h)
     hash_files(processed_dir, "sequences.parquet", h=h)
     settings = dict(serve_settings(params), model=get(params, "model", dict), engine=RANKING_ENGINE)
+    if settings["user_profile"] == "fresh":  # what else the fresh profile's SIDs depend on (user_profile.py)
+        for name in ("interactions.parquet", "items.parquet"):
+            hash_files(processed_dir, name, h=h)
+        settings["profile"] = [get(params, "data.user_text_items", int), get(params, "data.review_chars", int, 200),
+                               get(params, "data.user_text_chars", int, 512), get(params, "embed.batch_size", int, 32),
+                               get(params, "index.dynamic", bool), get(params, "index.refresh_margin", float, 0.2),
+                               get(params, "index.max_suffix", int)]
     settings.pop("batch_size")  # does not change the lists
     settings.pop("max_users")   # only which users are cached, checked per user
     h.update(json.dumps(settings, sort_keys=True, default=str).encode())
@@ -85,19 +103,24 @@ def serving_cases(sequences: pd.DataFrame, max_history: int, users=None):
             for u, items in zip(seqs["user_id"].tolist(), seqs["items"])]
 
 
+def load_model(params: dict, model_dir=MODEL_DIR, backbone_dir=BACKBONE_DIR):
+    from .recommender import load_recommender
+
+    if not (Path(model_dir) / "recommender.json").is_file():
+        raise TTDSError(f"{model_dir}: no trained model (run the finetune stage first)")
+    return load_recommender(params, model_dir=model_dir, backbone_dir=backbone_dir)
+
+
 def rank_users(params: dict, cases, model_dir=MODEL_DIR, backbone_dir=BACKBONE_DIR, rec=None,
-               progress: str | None = None, sequences: pd.DataFrame | None = None) -> list[list[tuple[int, float]]]:
+               progress: str | None = None, sequences: pd.DataFrame | None = None,
+               user_sids: pd.DataFrame | None = None) -> list[list[tuple[int, float]]]:
     """Top serve.topk (item, score) per case from the model; `sequences` (every user's
-    items) weigh the popularity prior when `eval.popularity_prior` > 0."""
+    items) weigh the popularity prior when `eval.popularity_prior` > 0; `user_sids`: the
+    prompts' user table (`serving_user_sids`), the model's own when None."""
     from .ranker import PromptBuilder, rank_cases, ranker_for
 
     cfg = serve_settings(params)
-    if rec is None:
-        from .recommender import load_recommender
-
-        if not (Path(model_dir) / "recommender.json").is_file():
-            raise TTDSError(f"{model_dir}: no trained model (run the finetune stage first)")
-        rec = load_recommender(params, model_dir=model_dir, backbone_dir=backbone_dir)
+    rec = rec if rec is not None else load_model(params, model_dir, backbone_dir)
     weights = None
     if cfg["popularity_prior"]:
         from .cases import item_counts, item_span
@@ -108,7 +131,8 @@ def rank_users(params: dict, cases, model_dir=MODEL_DIR, backbone_dir=BACKBONE_D
         weights = item_counts(sequences, n_items, upto=None) + 1.0
     ranker, _ = ranker_for(rec.model, rec.tokenizer, rec.item_sids, cfg["beams"], cfg["scoring"],
                            popularity=weights, prior=cfg["popularity_prior"])
-    builder = PromptBuilder(rec.tokenizer, rec.item_sids, rec.user_sids, cfg["template"], cfg["packed"])
+    table = user_sids if user_sids is not None else rec.user_sids
+    builder = PromptBuilder(rec.tokenizer, rec.item_sids, table, cfg["template"], cfg["packed"])
     mode = cfg["mask_history"]
     ranked = rank_cases(ranker, builder, cases, cfg["batch_size"], modes=(mode,), progress=progress)[mode]
     return [r[:cfg["topk"]] for r in ranked]
@@ -126,18 +150,51 @@ def run_precompute(params: dict, model_dir=MODEL_DIR, backbone_dir=BACKBONE_DIR,
     # every user, or a seeded sample (CPU budgets); users outside the cache are served by the model
     users = select_users(sequences, cfg["max_users"], get(params, "seed", int), "sequences.parquet")
     cases = serving_cases(users, cfg["max_history"])
-    ranked = rank_users(params, cases, model_dir, backbone_dir, rec=rec, progress="precompute", sequences=sequences)
+    rec = rec if rec is not None else load_model(params, model_dir, backbone_dir)
+    user_sids = serving_user_sids(cfg["user_profile"], params, rec, processed_dir, model_dir, backbone_dir)
+    ranked = rank_users(params, cases, model_dir, backbone_dir, rec=rec, progress="precompute", sequences=sequences,
+                        user_sids=user_sids)
     table = pd.DataFrame({"user_id": [c.user_id for c in cases],
                           "items": [[i for i, _ in r] for r in ranked],
                           "scores": [[float(s) for _, s in r] for r in ranked]})
     meta = {"fingerprint": stamp, "users": len(table), "users_total": len(sequences), "topk": cfg["topk"], "beams": cfg["beams"],
             "mask_history": cfg["mask_history"], "scoring": cfg["scoring"],
             "history": "full sequence (last data.max_history items in the prompt)",
+            "user_profile": cfg["user_profile"] if user_sids is not None else None,
+            "user_sids_changed": _share_changed(rec.user_sids, user_sids),
             "seconds": round(time.perf_counter() - start, 1)}
     with atomic_dir(out_dir) as tmp:
         write_parquet(Path(tmp) / "topk.parquet", table)
+        if user_sids is not None:
+            write_parquet(Path(tmp) / USER_SIDS_FILE, user_sids)
         write_json(Path(tmp) / "meta.json", meta)
     return meta
+
+
+def _share_changed(own: pd.DataFrame | None, table: pd.DataFrame | None) -> float | None:
+    """Share of users whose serving SID is not their training-time one."""
+    if own is None or table is None:
+        return None
+    before = own.set_index("user_id")["sid"]
+    return round(float((table.set_index("user_id")["sid"].reindex(before.index) != before).mean()), 4)
+
+
+def cached_user_sids(params: dict, rec, out_dir, model_dir, backbone_dir, processed_dir) -> pd.DataFrame | None:
+    """The serving user table: the one `precompute` saved when its cache is current, else
+    derived now for every user (as `precompute` does)."""
+    cfg = serve_settings(params)
+    out_dir = Path(out_dir)
+    if rec.user_sids is None or cfg["user_profile"] == "training":
+        return rec.user_sids
+    if (out_dir / "meta.json").is_file() and (out_dir / USER_SIDS_FILE).is_file():
+        if read_json(out_dir / "meta.json").get("fingerprint") == fingerprint(params, model_dir, backbone_dir,
+                                                                                processed_dir):
+            from .recommender import SID_COLUMNS
+
+            return read_parquet(out_dir / USER_SIDS_FILE, SID_COLUMNS["user"])
+    print(f"note: deriving every user's serving SID ({len(rec.user_sids)} users; serve.user_profile: fresh)",
+          file=sys.stderr)
+    return serving_user_sids(cfg["user_profile"], params, rec, processed_dir, model_dir, backbone_dir)
 
 
 def resolve_user(users: pd.DataFrame, user: str, source: str) -> int:
@@ -192,7 +249,9 @@ def recommend(params: dict, user: str, k: int, processed_dir=PROCESSED_DIR, mode
     cases = serving_cases(sequences, cfg["max_history"], users=[user_id])
     if not cases:
         raise TTDSError(f"user {user!r}: no interactions in {processed_dir / 'sequences.parquet'}")
-    ranked = rank_users(params, cases, model_dir, backbone_dir, rec=rec, sequences=sequences)[0]
+    rec = rec if rec is not None else load_model(params, model_dir, backbone_dir)
+    user_sids = cached_user_sids(params, rec, out_dir, model_dir, backbone_dir, processed_dir)
+    ranked = rank_users(params, cases, model_dir, backbone_dir, rec=rec, sequences=sequences, user_sids=user_sids)[0]
     return user_id, ranked[:k], "model"
 
 

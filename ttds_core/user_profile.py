@@ -25,6 +25,9 @@ order), or its review is the test row's review (Amazon repeats one review over t
 a product, so the user's words about the test item would enter its prompt). `evaluate` records
 how many users that is. Chosen on validation (docs/benchmark.md, "The test-time user
 profile"): a profile one purchase stale cost the validation NDCG@10 about an eighth.
+
+Serving (`serve.user_profile: fresh`, `serve.py`) derives the table the same way from every
+known interaction, test rows included: at serving time they are all the past.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ log = logging.getLogger(__name__)
 
 PROFILES = ("fresh", "training")
 TEST_TIME_SPLITS = ("train", "valid")  # everything before the test target
+SERVING_SPLITS = ("train", "valid", "test")  # at serving time every known interaction is the past
 
 
 def withheld_validation_rows(inter: pd.DataFrame) -> pd.Series:
@@ -62,21 +66,32 @@ def withheld_validation_rows(inter: pd.DataFrame) -> pd.Series:
     return withheld
 
 
-def test_time_texts(processed_dir: str | Path, params: dict) -> tuple[list[str], int]:
-    """Every user's text from their training and validation interactions (row i = user i), and
-    the number of users whose validation row was withheld (`withheld_validation_rows`)."""
-    processed_dir = Path(processed_dir)
+def _interactions_and_titles(processed_dir: Path) -> tuple[pd.DataFrame, np.ndarray]:
+    """The processed interactions sorted by user and position, and the item titles by item id."""
     inter = read_parquet(processed_dir / "interactions.parquet",
                          ["user_id", "item_id", "pos", "split", "timestamp", "review", "summary"])
     items = read_parquet(processed_dir / "items.parquet", ["item_id", "title"]).sort_values("item_id")
     if not np.array_equal(items["item_id"].to_numpy(), np.arange(len(items))):
         raise TTDSError(f"{processed_dir / 'items.parquet'}: 'item_id' must be 0..n-1 without gaps")
-    inter = inter.sort_values(["user_id", "pos"]).reset_index(drop=True)
+    return inter.sort_values(["user_id", "pos"]).reset_index(drop=True), items["title"].to_numpy()
+
+
+def test_time_texts(processed_dir: str | Path, params: dict) -> tuple[list[str], int]:
+    """Every user's text from their training and validation interactions (row i = user i), and
+    the number of users whose validation row was withheld (`withheld_validation_rows`)."""
+    inter, titles = _interactions_and_titles(Path(processed_dir))
     withheld = withheld_validation_rows(inter)
     drop = (inter["split"] == "valid") & inter["user_id"].map(withheld).fillna(False).astype(bool)
     inter = inter.assign(split=inter["split"].where(~drop, "withheld"))
-    texts = user_texts(inter, items["title"].to_numpy(), UserTextRule.from_params(params), TEST_TIME_SPLITS)[0]
+    texts = user_texts(inter, titles, UserTextRule.from_params(params), TEST_TIME_SPLITS)[0]
     return texts, int(withheld.sum())
+
+
+def serving_texts(processed_dir: str | Path, params: dict) -> list[str]:
+    """Every user's text from all their interactions (row i = user i): at serving time the
+    next item comes after every known one, so nothing is withheld."""
+    inter, titles = _interactions_and_titles(Path(processed_dir))
+    return user_texts(inter, titles, UserTextRule.from_params(params), SERVING_SPLITS)[0]
 
 
 def fresh_user_sids(texts: list[str], own: pd.DataFrame, quantizer, embedder, tokenizer, params: dict,
@@ -152,3 +167,12 @@ def test_user_sids(profile: str, params: dict, rec, processed_dir: str | Path, m
         return rec.user_sids, 0
     texts, withheld = test_time_texts(processed_dir, params)
     return user_sids_of(texts, params, rec, model_dir, backbone_dir), withheld
+
+
+def serving_user_sids(profile: str, params: dict, rec, processed_dir: str | Path, model_dir: str | Path,
+                      backbone_dir: str | Path) -> pd.DataFrame | None:
+    """The user table of serving prompts under `serve.user_profile` = `profile`: the model's own
+    (`training`), or re-derived from every known interaction (`fresh`); None without a user tower."""
+    if rec.user_sids is None or profile == "training":
+        return rec.user_sids
+    return user_sids_of(serving_texts(processed_dir, params), params, rec, model_dir, backbone_dir)

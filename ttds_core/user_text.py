@@ -10,6 +10,8 @@ One rule, applied to different cut-offs of the same sequence:
   test prompt's item history already holds it. Still no leak: the validation interaction
   precedes the test target (where that order is not established, `user_profile.py` withholds
   the validation row).
+- serving (`precompute`, `ttds recommend`) renders it from every known interaction
+  (`splits=("train", "valid", "test")`): the next item comes after all of them.
 """
 
 from __future__ import annotations
