@@ -44,7 +44,7 @@ from .io import atomic_dir, read_parquet, write_json, write_parquet
 from .metrics import metric_table
 from .prompts import seqrec_packed
 from .ranker import SCORINGS, Case, PromptBuilder, rank_cases, ranker_for
-from .user_profile import PROFILES
+from .user_profile import PROFILES, share_changed
 
 
 @dataclass
@@ -162,20 +162,10 @@ def evaluate(rec, sequences: pd.DataFrame, cfg: EvalSettings, progress: bool = F
         "headline": "test_masked" if cfg.mask_history else "test",
         "user_tower": rec.user_sids is not None,
         "test_user_profile": (cfg.user_profile if rec.user_sids is not None else None),
-        "test_user_sids_changed": _share_changed(rec.user_sids, user_sids["test"], users["user_id"]),
+        "test_user_sids_changed": share_changed(rec.user_sids, user_sids["test"], users["user_id"]),
         "seconds": round(time.perf_counter() - start, 1),
     })
     return metrics, ranks
-
-
-def _share_changed(own: pd.DataFrame | None, test: pd.DataFrame | None, users) -> float | None:
-    """Share of the ranked `users` whose test-prompt SID differs from the model's own (None: no
-    user tower)."""
-    if own is None or test is None:
-        return None
-    a, b = own.set_index("user_id")["sid"], test.set_index("user_id")["sid"]
-    users = list(users)
-    return round(float((a.loc[users].to_numpy() != b.loc[users].to_numpy()).mean()), 4)
 
 
 def run(params: dict, processed_dir: str | Path = "data/processed", model_dir: str | Path = "data/model",

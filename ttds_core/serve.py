@@ -36,7 +36,7 @@ from .config import get
 from .errors import TTDSError
 from .io import atomic_dir, hash_files, read_json, read_parquet, write_json, write_parquet
 from .prompts import seqrec_packed
-from .user_profile import PROFILES, serving_user_sids
+from .user_profile import PROFILES, serving_user_sids, share_changed
 
 # ranker / recommender import torch and transformers: they are imported inside
 # the functions that run the model, so a cache hit answers without loading either.
@@ -161,7 +161,7 @@ def run_precompute(params: dict, model_dir=MODEL_DIR, backbone_dir=BACKBONE_DIR,
             "mask_history": cfg["mask_history"], "scoring": cfg["scoring"],
             "history": "full sequence (last data.max_history items in the prompt)",
             "user_profile": cfg["user_profile"] if user_sids is not None else None,
-            "user_sids_changed": _share_changed(rec.user_sids, user_sids),
+            "user_sids_changed": share_changed(rec.user_sids, user_sids),
             "seconds": round(time.perf_counter() - start, 1)}
     with atomic_dir(out_dir) as tmp:
         write_parquet(Path(tmp) / "topk.parquet", table)
@@ -169,14 +169,6 @@ def run_precompute(params: dict, model_dir=MODEL_DIR, backbone_dir=BACKBONE_DIR,
             write_parquet(Path(tmp) / USER_SIDS_FILE, user_sids)
         write_json(Path(tmp) / "meta.json", meta)
     return meta
-
-
-def _share_changed(own: pd.DataFrame | None, table: pd.DataFrame | None) -> float | None:
-    """Share of users whose serving SID is not their training-time one."""
-    if own is None or table is None:
-        return None
-    before = own.set_index("user_id")["sid"]
-    return round(float((table.set_index("user_id")["sid"].reindex(before.index) != before).mean()), 4)
 
 
 def cached_user_sids(params: dict, rec, out_dir, model_dir, backbone_dir, processed_dir) -> pd.DataFrame | None:

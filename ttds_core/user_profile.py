@@ -158,6 +158,16 @@ def user_sids_of(texts: list[str], params: dict, rec, model_dir: str | Path,
     return table
 
 
+def share_changed(own: pd.DataFrame | None, table: pd.DataFrame | None, users=None) -> float | None:
+    """Share of `users` (default: all of the model's) whose SID in `table` is not their SID in the
+    model's own table `own`; None without a user tower."""
+    if own is None or table is None:
+        return None
+    a, b = own.set_index("user_id")["sid"], table.set_index("user_id")["sid"]
+    users = list(a.index if users is None else users)
+    return round(float((a.loc[users].to_numpy() != b.loc[users].to_numpy()).mean()), 4)
+
+
 def test_user_sids(profile: str, params: dict, rec, processed_dir: str | Path, model_dir: str | Path,
                    backbone_dir: str | Path) -> tuple[pd.DataFrame | None, int]:
     """The user table for the test prompts under `eval.user_profile` = `profile`: the model's
