@@ -148,8 +148,9 @@ def fresh(rec, dirs, monkeypatch):  # noqa: F811
     table.loc[[0, 1], "sid"] = table.loc[[1, 0], "sid"].to_numpy()
     calls = []
 
-    def derive(texts, params_, rec_, model_dir, backbone_dir):
+    def derive(texts, params_, rec_, model_dir, backbone_dir, purpose):
         calls.append(texts)
+        assert purpose == "serving"
         return table
 
     monkeypatch.setattr(user_profile, "user_sids_of", derive)

@@ -130,6 +130,8 @@ def test_a_collision_set_over_max_suffix_stops_a_static_index_and_keeps_a_dynami
         up.fresh_user_sids([texts[0]] * 4, own, q, model, tok, few, dynamic=False)
     kept = up.fresh_user_sids([texts[0]] * 4, own, q, model, tok, few, dynamic=True)  # as a refresh does
     assert kept["sid"].tolist() == own["sid"].tolist() and "SIDs kept" in caplog.text
+    with pytest.raises(TTDSError, match="user profile at serving: .*max_suffix"):  # serving names itself
+        up.fresh_user_sids([texts[0]] * 4, own, q, model, tok, few, dynamic=False, purpose="serving")
 
 
 def test_evaluate_ranks_test_with_the_test_table_and_validation_with_the_models_own(rec):  # noqa: F811

@@ -171,16 +171,17 @@ def run_precompute(params: dict, model_dir=MODEL_DIR, backbone_dir=BACKBONE_DIR,
     return meta
 
 
-def cached_user_sids(params: dict, rec, out_dir, model_dir, backbone_dir, processed_dir) -> pd.DataFrame | None:
-    """The serving user table: the one `precompute` saved when its cache is current, else
-    derived now for every user (as `precompute` does)."""
+def cached_user_sids(params: dict, rec, stamp: str, out_dir, model_dir, backbone_dir, processed_dir
+                     ) -> pd.DataFrame | None:
+    """The serving user table: the one `precompute` saved when its cache is current (its
+    fingerprint is `stamp`, the current `fingerprint`), else derived now for every user (as
+    `precompute` does)."""
     cfg = serve_settings(params)
     out_dir = Path(out_dir)
     if rec.user_sids is None or cfg["user_profile"] == "training":
         return rec.user_sids
     if (out_dir / "meta.json").is_file() and (out_dir / USER_SIDS_FILE).is_file():
-        if read_json(out_dir / "meta.json").get("fingerprint") == fingerprint(params, model_dir, backbone_dir,
-                                                                                processed_dir):
+        if read_json(out_dir / "meta.json").get("fingerprint") == stamp:
             from .recommender import SID_COLUMNS
 
             return read_parquet(out_dir / USER_SIDS_FILE, SID_COLUMNS["user"])
@@ -201,14 +202,14 @@ def resolve_user(users: pd.DataFrame, user: str, source: str) -> int:
                     f"0..{len(users) - 1})")
 
 
-def cached_topk(params: dict, user_id: int, k: int, out_dir=SERVING_DIR, model_dir=MODEL_DIR,
-                backbone_dir=BACKBONE_DIR, processed_dir=PROCESSED_DIR) -> tuple[list | None, str]:
-    """(the cached list of (item, score), "") when the cache is current, else (None, why)."""
+def cached_topk(user_id: int, k: int, stamp: str, out_dir=SERVING_DIR) -> tuple[list | None, str]:
+    """(the cached list of (item, score), "") when the cache is current (its fingerprint is
+    `stamp`, the current `fingerprint`), else (None, why)."""
     out_dir = Path(out_dir)
     if not (out_dir / "meta.json").is_file() or not (out_dir / "topk.parquet").is_file():
         return None, f"no top-K cache in {out_dir}"
     meta = read_json(out_dir / "meta.json")
-    if meta.get("fingerprint") != fingerprint(params, model_dir, backbone_dir, processed_dir):
+    if meta.get("fingerprint") != stamp:
         return None, f"the top-K cache in {out_dir} is from another model or settings"
     if k > int(meta.get("topk", 0)):
         return None, f"--k {k} is more than the {meta.get('topk')} items cached per user"
@@ -233,7 +234,8 @@ def recommend(params: dict, user: str, k: int, processed_dir=PROCESSED_DIR, mode
     user_id = resolve_user(users, user, str(processed_dir / "users.parquet"))
     if not (Path(model_dir) / "recommender.json").is_file():
         raise TTDSError(f"{model_dir}: no trained model (run the finetune stage first)")
-    hit, why = cached_topk(params, user_id, k, out_dir, model_dir, backbone_dir, processed_dir)
+    stamp = fingerprint(params, model_dir, backbone_dir, processed_dir)  # hashes the model files: once
+    hit, why = cached_topk(user_id, k, stamp, out_dir)
     if hit is not None:
         return user_id, hit, "cache"
     print(f"note: {why}; running the model", file=sys.stderr)
@@ -242,7 +244,7 @@ def recommend(params: dict, user: str, k: int, processed_dir=PROCESSED_DIR, mode
     if not cases:
         raise TTDSError(f"user {user!r}: no interactions in {processed_dir / 'sequences.parquet'}")
     rec = rec if rec is not None else load_model(params, model_dir, backbone_dir)
-    user_sids = cached_user_sids(params, rec, out_dir, model_dir, backbone_dir, processed_dir)
+    user_sids = cached_user_sids(params, rec, stamp, out_dir, model_dir, backbone_dir, processed_dir)
     ranked = rank_users(params, cases, model_dir, backbone_dir, rec=rec, sequences=sequences, user_sids=user_sids)[0]
     return user_id, ranked[:k], "model"
 

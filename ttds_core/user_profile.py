@@ -95,10 +95,10 @@ def serving_texts(processed_dir: str | Path, params: dict) -> list[str]:
 
 
 def fresh_user_sids(texts: list[str], own: pd.DataFrame, quantizer, embedder, tokenizer, params: dict,
-                    dynamic: bool) -> pd.DataFrame:
+                    dynamic: bool, purpose: str = "test time") -> pd.DataFrame:
     """The user SID table of `texts` (row i = user i), derived as the model's own table `own`
     was (module docstring). `embedder`: the backbone for a static index, the trained LLM for a
-    dynamic one."""
+    dynamic one. `purpose` ("test time", "serving") names the derivation in its messages."""
     from .dynamic import quantize_codes, table_codes
     from .embedding import embed_texts
     from .sids import resolve_collisions, sid_table
@@ -112,7 +112,7 @@ def fresh_user_sids(texts: list[str], own: pd.DataFrame, quantizer, embedder, to
                     max_tokens=get(params, "model.max_text_tokens", int, 64, min_value=1), progress=False,
                     label="user")
     if not np.isfinite(x).all():
-        raise TTDSError("user profile at test time: non-finite embeddings (try model.dtype: float32)")
+        raise TTDSError(f"user profile at {purpose}: non-finite embeddings (try model.dtype: float32)")
     if dynamic:
         quantizer.fit_normalisation(x)
         previous = table_codes(own, "user_id")
@@ -126,17 +126,18 @@ def fresh_user_sids(texts: list[str], own: pd.DataFrame, quantizer, embedder, to
         suffix = resolve_collisions(codes, ids, max_suffix=max_suffix)
     except TTDSError as exc:
         if not dynamic:
-            raise TTDSError(f"user profile at test time: {exc}") from None
-        log.warning("user profile at test time: %s; the model's user SIDs kept (as a refresh would)", exc)
+            raise TTDSError(f"user profile at {purpose}: {exc}") from None
+        log.warning("user profile at %s: %s; the model's user SIDs kept (as a refresh would)", purpose, exc)
         return own
     return sid_table(ids, codes, suffix, "user")
 
 
 def user_sids_of(texts: list[str], params: dict, rec, model_dir: str | Path,
-                 backbone_dir: str | Path) -> pd.DataFrame:
+                 backbone_dir: str | Path, purpose: str = "test time") -> pd.DataFrame:
     """The user SID table the trained model in `model_dir` (loaded as `rec`) gives `texts`
-    (row i = user i), derived as its own table was (`fresh_user_sids`): the final user
-    quantizer, and the backbone (static index) or the trained LLM (dynamic index)."""
+    (row i = user i), derived as its own table was (`fresh_user_sids`, whose messages name
+    `purpose`): the final user quantizer, and the backbone (static index) or the trained LLM
+    (dynamic index)."""
     import torch
 
     from .backbone import load_backbone
@@ -149,9 +150,10 @@ def user_sids_of(texts: list[str], params: dict, rec, model_dir: str | Path,
     if get(params, "index.dynamic", bool):
         # a refresh embeds with the training LLM (LoRA unmerged); the merged model is the same
         # function up to rounding
-        return fresh_user_sids(texts, rec.user_sids, quantizers["user"], rec.model, rec.tokenizer, params, True)
+        return fresh_user_sids(texts, rec.user_sids, quantizers["user"], rec.model, rec.tokenizer, params, True,
+                               purpose)
     backbone, tokenizer = load_backbone(params, device=rec.device, backbone_dir=backbone_dir)
-    table = fresh_user_sids(texts, rec.user_sids, quantizers["user"], backbone, tokenizer, params, False)
+    table = fresh_user_sids(texts, rec.user_sids, quantizers["user"], backbone, tokenizer, params, False, purpose)
     del backbone  # a second copy of the backbone beside the recommender: free it before ranking
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -185,4 +187,4 @@ def serving_user_sids(profile: str, params: dict, rec, processed_dir: str | Path
     (`training`), or re-derived from every known interaction (`fresh`); None without a user tower."""
     if rec.user_sids is None or profile == "training":
         return rec.user_sids
-    return user_sids_of(serving_texts(processed_dir, params), params, rec, model_dir, backbone_dir)
+    return user_sids_of(serving_texts(processed_dir, params), params, rec, model_dir, backbone_dir, "serving")
