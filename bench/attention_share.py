@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from ttds_core.errors import TTDSError
 from ttds_core.io import read_parquet, write_json
@@ -37,12 +36,13 @@ def parts_of(ids: list[int], eos: int, item_tokens: set[int], user_tokens: set[i
     """Positions of each part of one packed prompt that ends with the newest item's EOS."""
     q = len(ids) - 1
     ends = [p for p, t in enumerate(ids) if t == eos]
-    first_item = next(p for p, t in enumerate(ids) if t in item_tokens)
-    if ids[q] != eos or len(ends) < 2 or ends[0] < first_item:
+    first_item = next((p for p, t in enumerate(ids) if t in item_tokens), None)
+    if first_item is None or ids[q] != eos or len(ends) < 2 or ends[0] < first_item:
         raise TTDSError("attention_share: expected a packed prompt of at least two items, each closed by EOS")
     user = [p for p in range(first_item) if ids[p] in user_tokens]
+    instruction = [p for p in range(first_item) if ids[p] not in user_tokens]
     return {"newest_item": list(range(ends[-2] + 1, q)), "older_items": list(range(first_item, ends[-2] + 1)),
-            "user": user, "instruction": [p for p in range(first_item) if p not in set(user)], "itself": [q]}
+            "user": user, "instruction": instruction, "itself": [q]}
 
 
 def attention_shares(rec, builder, cases: list[tuple[int, list[int]]]) -> list[dict[str, float]]:
@@ -72,12 +72,13 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="JSON file for the result (default: print only)")
     args = ap.parse_args()
 
+    from ttds_core.config import load_params
     from ttds_core.evaluate import eval_settings
     from ttds_core.ranker import PromptBuilder
     from ttds_core.recommender import load_recommender
 
     root = Path(args.root)
-    params = yaml.safe_load((root / "params.yaml").read_text())
+    params = load_params(root / "params.yaml")
     cfg = eval_settings(params)
     if not cfg.packed:
         raise SystemExit("error: attention_share reads the packed seqrec format (tasks.seqrec_format: packed)")

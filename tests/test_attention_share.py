@@ -22,3 +22,5 @@ def test_a_prompt_of_one_item_or_not_ending_with_eos_is_one_line():
         parts_of([5, 10, 11, EOS], EOS, ITEMS, USERS)
     with pytest.raises(TTDSError, match="at least two items"):
         parts_of([5, 10, EOS, 11, 12], EOS, ITEMS, USERS)
+    with pytest.raises(TTDSError, match="at least two items"):
+        parts_of([5, 6, EOS, 7, EOS], EOS, ITEMS, USERS)  # no item token at all
