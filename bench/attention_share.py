@@ -65,12 +65,12 @@ def attention_shares(rec, builder, cases: list[tuple[int, list[int]]]) -> list[d
     return [{k: round(v / len(cases), 4) for k, v in s.items()} for s in sums]
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", default=".", help="workspace with params.yaml, data/model, data/processed")
     ap.add_argument("--users", type=int, default=200, help="users sampled (seed 0) among those with 2+ training items")
     ap.add_argument("--out", default=None, help="JSON file for the result (default: print only)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     from ttds_core.config import load_params
     from ttds_core.evaluate import eval_settings
@@ -98,4 +98,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from ttds_core.cli import user_errors
+
+    with user_errors():  # a bad params file or workspace: one line, no traceback
+        main()

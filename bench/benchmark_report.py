@@ -30,8 +30,8 @@ import csv
 import math
 from pathlib import Path
 
-import yaml
 
+from ttds_core.config import load_params
 from ttds_core.errors import TTDSError
 from ttds_core.io import atomic_path, read_json, read_parquet, write_json, write_parquet
 from ttds_core.report import BASELINE_LABELS, METRICS, RANK_COLUMNS, paired_test, per_user
@@ -263,7 +263,7 @@ def main(argv=None) -> dict:
                     help="an earlier report's folder: pair this TTDS with the TTDS ranks kept there (repeatable)")
     args = ap.parse_args(argv)
     root, out = Path(args.root), Path(args.out)
-    params = yaml.safe_load((root / "params.yaml").read_text())
+    params = load_params(root / "params.yaml")  # schema-checked
     models = load(root, masked=bool(params["eval"].get("mask_history")))
     against = earlier_runs(args.against)
     subset = read_json(root / "metrics" / "preprocess.json")

@@ -28,10 +28,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 
 from ttds_core.cases import Case
-from ttds_core.config import seed_everything
+from ttds_core.config import load_params, seed_everything
 from ttds_core.io import read_parquet, write_json
 
 SETS = ("train_last", "valid", "test", "test_skip")
@@ -113,7 +112,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-users", type=int, default=None, help="the first N users only (a smoke test)")
     args = ap.parse_args(argv)
     root = Path(args.root)
-    params = yaml.safe_load((root / "params.yaml").read_text())
+    params = load_params(root / "params.yaml")  # schema-checked
     processed = root / "data" / "processed"
     sequences = read_parquet(processed / "sequences.parquet", ["user_id", "items"]).sort_values("user_id")
     sequences = sequences[sequences["items"].map(len) >= 4].reset_index(drop=True)  # train_last needs 2 train items
@@ -139,4 +138,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from ttds_core.cli import user_errors
+
+    with user_errors():  # a bad params file or workspace: one line, no traceback
+        main()

@@ -20,11 +20,10 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from bench.context_shift import ndcg_hr
 from ttds_core.cases import eval_cases, item_counts, item_span, select_users
-from ttds_core.config import seed_everything
+from ttds_core.config import load_params, seed_everything
 from ttds_core.io import read_parquet, write_json
 from ttds_core.metrics import metric_table, rank_of
 
@@ -61,7 +60,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     lambdas = sorted(set(args.lambdas) | {0.0})
     root = Path(args.root)
-    params = yaml.safe_load((root / "params.yaml").read_text())
+    params = load_params(root / "params.yaml")  # schema-checked
     if args.beams is not None:
         params["eval"]["beams"] = args.beams
     cfg = eval_settings(params)
@@ -115,4 +114,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from ttds_core.cli import user_errors
+
+    with user_errors():  # a bad params file or workspace: one line, no traceback
+        main()

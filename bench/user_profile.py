@@ -34,8 +34,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 
+from ttds_core.config import load_params
 from ttds_core.io import read_parquet, write_json
 
 from bench.context_shift import case_ranks, ndcg_hr
@@ -72,7 +72,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-users", type=int, default=None, help="the first N users only (a smoke test)")
     args = ap.parse_args(argv)
     root = Path(args.root)
-    params = yaml.safe_load((root / "params.yaml").read_text())
+    params = load_params(root / "params.yaml")  # schema-checked
     cfg = eval_settings(params)
     seed_everything(cfg.seed)
     torch.set_num_threads(1)
@@ -123,4 +123,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from ttds_core.cli import user_errors
+
+    with user_errors():  # a bad params file or workspace: one line, no traceback
+        main()

@@ -45,3 +45,20 @@ def test_a_stage_refuses_a_misspelt_key_before_any_work(tmp_path, monkeypatch, c
     params["train"]["learning_rate"] = 1e-3
     err = _run(tmp_path, monkeypatch, capsys, stage, params)
     assert err == "error: params: unknown parameter 'train.learning_rate' (see params.yaml for the keys)"
+
+
+@pytest.mark.parametrize("script", ["attention_share", "benchmark_report", "context_shift", "popularity_prior",
+                                    "user_profile"])
+def test_a_bench_script_checks_the_workspace_params_before_any_work(tmp_path, script):
+    """The bench scripts that read a workspace go through the params schema, as the stages do:
+    a misspelt key is the schema's one-line error, not a KeyError deep inside."""
+    import importlib
+
+    from ttds_core.errors import TTDSError
+
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["eval"]["beamz"] = 20
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    main = importlib.import_module(f"bench.{script}").main
+    with pytest.raises(TTDSError, match="beamz"):
+        main(["--root", str(tmp_path), "--out", str(tmp_path / "out.json")])

@@ -204,3 +204,19 @@ def test_fresh_profile_is_part_of_the_cache_key(rec, dirs, fresh):  # noqa: F811
     bad["serve"]["user_profile"] = "stale"
     with pytest.raises(TTDSError, match="serve.user_profile"):
         serve.serve_settings(bad)
+
+
+@pytest.mark.parametrize("key,value", [("data.user_text_items", 3), ("data.review_chars", 100),
+                                       ("data.user_text_chars", 256), ("embed.batch_size", 4),
+                                       ("model.max_text_tokens", 16), ("index.dynamic", True),
+                                       ("index.refresh_margin", 0.5), ("index.max_suffix", 4)])
+def test_every_setting_of_the_fresh_derivation_is_part_of_the_cache_key(rec, dirs, fresh, key, value):  # noqa: F811
+    params, _, _ = fresh
+    params.setdefault("embed", {})["batch_size"] = 32
+    params["index"]["refresh_margin"] = 0.2
+    params["model"]["max_text_tokens"] = 64
+    key_before = serve.fingerprint(params, dirs["model_dir"], dirs["backbone_dir"], dirs["processed_dir"])
+    changed = copy.deepcopy(params)
+    section, name = key.split(".")
+    changed[section][name] = value
+    assert key_before != serve.fingerprint(changed, dirs["model_dir"], dirs["backbone_dir"], dirs["processed_dir"])

@@ -23,6 +23,11 @@ RULE = UserTextRule(items=10, review_chars=200, text_chars=512)
 TITLES = np.array(["Mario", "Zelda", "Halo", "Doom", "Tetris"])
 
 
+def dynamic(params: dict, on: bool) -> dict:
+    """`params` with `index.dynamic` set: the derivation reads it from the params, as evaluate's does."""
+    return {**params, "index": {**params["index"], "dynamic": on}}
+
+
 def interactions() -> pd.DataFrame:
     """Two users; user 0 reviews every item, user 1 none; pos order, last = test."""
     rows = []
@@ -97,11 +102,11 @@ def tower(tiny_lm):
 
 def test_static_index_rederives_the_models_own_table_from_the_same_texts(tower):
     model, tok, texts, q, own, params = tower
-    again = up.fresh_user_sids(texts, own.sample(frac=1.0, random_state=0), q, model, tok, params, dynamic=False)
+    again = up.fresh_user_sids(texts, own.sample(frac=1.0, random_state=0), q, model, tok, dynamic(params, False))
     pd.testing.assert_frame_equal(again.reset_index(drop=True), own.reset_index(drop=True))
     # another text gives that user the codes of its own embedding, everyone else keeps theirs
     changed = ["Super Mario Bros. Nintendo Switch"] + texts[1:]
-    new = up.fresh_user_sids(changed, own, q, model, tok, params, dynamic=False)
+    new = up.fresh_user_sids(changed, own, q, model, tok, dynamic(params, False))
     x = embed_texts(model, tok, changed, batch_size=32, max_tokens=64, progress=False)
     expect = q.codes(torch.as_tensor(x), ids=np.arange(4)).numpy()
     assert [list(c) for c in new["codes"]] == expect.tolist()
@@ -112,26 +117,25 @@ def test_dynamic_index_keeps_codes_within_the_refresh_margin(tower):
     model, tok, texts, q, own, params = tower
     changed = ["Super Mario Bros. Nintendo Switch"] + texts[1:]
     # margin .999: a new code must be 1,000 times closer, so nobody's SID moves (hysteresis)
-    sticky = up.fresh_user_sids(changed, own, q, model, tok, {**params, "index": {"max_suffix": 8, "refresh_margin": 0.999}},
-                                dynamic=True)
+    sticky = up.fresh_user_sids(changed, own, q, model, tok, dynamic({**params, "index": {"max_suffix": 8, "refresh_margin": 0.999}}, True))
     assert sticky["sid"].tolist() == own["sid"].tolist()
 
 
 def test_a_user_table_of_other_users_is_one_line(tower):
     model, tok, texts, q, own, params = tower
     with pytest.raises(TTDSError, match="does not match the 3 users of the processed data"):
-        up.fresh_user_sids(texts[:3], own, q, model, tok, params, dynamic=False)
+        up.fresh_user_sids(texts[:3], own, q, model, tok, dynamic(params, False))
 
 
 def test_a_collision_set_over_max_suffix_stops_a_static_index_and_keeps_a_dynamic_table(tower, caplog):
     model, tok, texts, q, own, params = tower
     few = {**params, "index": {"max_suffix": 2, "refresh_margin": 0.0}}
     with pytest.raises(TTDSError, match="user profile at test time: .*max_suffix"):
-        up.fresh_user_sids([texts[0]] * 4, own, q, model, tok, few, dynamic=False)
-    kept = up.fresh_user_sids([texts[0]] * 4, own, q, model, tok, few, dynamic=True)  # as a refresh does
+        up.fresh_user_sids([texts[0]] * 4, own, q, model, tok, dynamic(few, False))
+    kept = up.fresh_user_sids([texts[0]] * 4, own, q, model, tok, dynamic(few, True))  # as a refresh does
     assert kept["sid"].tolist() == own["sid"].tolist() and "SIDs kept" in caplog.text
     with pytest.raises(TTDSError, match="user profile at serving: .*max_suffix"):  # serving names itself
-        up.fresh_user_sids([texts[0]] * 4, own, q, model, tok, few, dynamic=False, purpose="serving")
+        up.fresh_user_sids([texts[0]] * 4, own, q, model, tok, dynamic(few, False), purpose="serving")
 
 
 def test_evaluate_ranks_test_with_the_test_table_and_validation_with_the_models_own(rec):  # noqa: F811

@@ -36,7 +36,7 @@ from .config import get
 from .errors import TTDSError
 from .io import atomic_dir, hash_files, read_json, read_parquet, write_json, write_parquet
 from .prompts import seqrec_packed
-from .user_profile import PROFILES, serving_user_sids, share_changed
+from .user_profile import PROFILES, profile_settings, serving_user_sids, share_changed
 
 # ranker / recommender import torch and transformers: they are imported inside
 # the functions that run the model, so a cache hit answers without loading either.
@@ -73,9 +73,7 @@ def fingerprint(params: dict, model_dir: str | Path = MODEL_DIR, backbone_dir: s
     SID rows and tables, tokenizer), the backbone's config and record (not its weights,
     which are derived from `model.*`, hashed here), the sequences, the interactions and
     titles (the fresh user profile's text), and the settings."""
-    model_dir = Path(model_dir)
-    if not (model_dir / "recommender.json").is_file():
-        raise TTDSError(f"{model_dir}: no trained model (run the finetune stage first)")
+    model_dir = require_model(model_dir)
     h = hashlib.sha256()
     hash_files(model_dir, h=h)
     hash_files(backbone_dir, "*.json", h=h)
@@ -84,10 +82,7 @@ def fingerprint(params: dict, model_dir: str | Path = MODEL_DIR, backbone_dir: s
     if settings["user_profile"] == "fresh":  # what else the fresh profile's SIDs depend on (user_profile.py)
         for name in ("interactions.parquet", "items.parquet"):
             hash_files(processed_dir, name, h=h)
-        settings["profile"] = [get(params, "data.user_text_items", int), get(params, "data.review_chars", int, 200),
-                               get(params, "data.user_text_chars", int, 512), get(params, "embed.batch_size", int, 32),
-                               get(params, "index.dynamic", bool), get(params, "index.refresh_margin", float, 0.2),
-                               get(params, "index.max_suffix", int)]
+        settings["profile"] = profile_settings(params)
     settings.pop("batch_size")  # does not change the lists
     settings.pop("max_users")   # only which users are cached, checked per user
     h.update(json.dumps(settings, sort_keys=True, default=str).encode())
@@ -103,11 +98,20 @@ def serving_cases(sequences: pd.DataFrame, max_history: int, users=None):
             for u, items in zip(seqs["user_id"].tolist(), seqs["items"])]
 
 
-def load_model(params: dict, model_dir=MODEL_DIR, backbone_dir=BACKBONE_DIR):
+def require_model(model_dir) -> Path:
+    """`model_dir`, or the one-line error when no finetune stage has written a model there."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "recommender.json").is_file():
+        raise TTDSError(f"{model_dir}: no trained model (run the finetune stage first)")
+    return model_dir
+
+
+def load_model(params: dict, model_dir=MODEL_DIR, backbone_dir=BACKBONE_DIR, checked: bool = False):
+    """The trained recommender; `checked`: the caller has already called `require_model`."""
     from .recommender import load_recommender
 
-    if not (Path(model_dir) / "recommender.json").is_file():
-        raise TTDSError(f"{model_dir}: no trained model (run the finetune stage first)")
+    if not checked:
+        require_model(model_dir)
     return load_recommender(params, model_dir=model_dir, backbone_dir=backbone_dir)
 
 
@@ -232,9 +236,7 @@ def recommend(params: dict, user: str, k: int, processed_dir=PROCESSED_DIR, mode
     processed_dir = Path(processed_dir)
     users = read_parquet(processed_dir / "users.parquet", ["user_id", "original_id"])
     user_id = resolve_user(users, user, str(processed_dir / "users.parquet"))
-    if not (Path(model_dir) / "recommender.json").is_file():
-        raise TTDSError(f"{model_dir}: no trained model (run the finetune stage first)")
-    stamp = fingerprint(params, model_dir, backbone_dir, processed_dir)  # hashes the model files: once
+    stamp = fingerprint(params, model_dir, backbone_dir, processed_dir)  # checks the model, hashes its files: once
     hit, why = cached_topk(user_id, k, stamp, out_dir)
     if hit is not None:
         return user_id, hit, "cache"
@@ -243,7 +245,7 @@ def recommend(params: dict, user: str, k: int, processed_dir=PROCESSED_DIR, mode
     cases = serving_cases(sequences, cfg["max_history"], users=[user_id])
     if not cases:
         raise TTDSError(f"user {user!r}: no interactions in {processed_dir / 'sequences.parquet'}")
-    rec = rec if rec is not None else load_model(params, model_dir, backbone_dir)
+    rec = rec if rec is not None else load_model(params, model_dir, backbone_dir, checked=True)
     user_sids = cached_user_sids(params, rec, stamp, out_dir, model_dir, backbone_dir, processed_dir)
     ranked = rank_users(params, cases, model_dir, backbone_dir, rec=rec, sequences=sequences, user_sids=user_sids)[0]
     return user_id, ranked[:k], "model"

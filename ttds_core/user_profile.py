@@ -33,6 +33,7 @@ known interaction, test rows included: at serving time they are all the past.
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,33 @@ log = logging.getLogger(__name__)
 PROFILES = ("fresh", "training")
 TEST_TIME_SPLITS = ("train", "valid")  # everything before the test target
 SERVING_SPLITS = ("train", "valid", "test")  # at serving time every known interaction is the past
+
+
+@dataclass(frozen=True)
+class SidDerivation:
+    """Every param the derivation of SIDs from the user texts reads (beside the model files and
+    `model.*`); `fresh_user_sids` reads its settings only from here."""
+
+    embed_batch_size: int
+    max_text_tokens: int
+    dynamic: bool
+    refresh_margin: float
+    max_suffix: int
+
+    @classmethod
+    def from_params(cls, params: dict) -> "SidDerivation":
+        return cls(embed_batch_size=get(params, "embed.batch_size", int, 32, min_value=1),
+                   max_text_tokens=get(params, "model.max_text_tokens", int, 64, min_value=1),
+                   dynamic=get(params, "index.dynamic", bool),
+                   refresh_margin=get(params, "index.refresh_margin", float, 0.2, min_value=0.0),
+                   max_suffix=get(params, "index.max_suffix", int, min_value=0))
+
+
+def profile_settings(params: dict) -> dict:
+    """What a fresh profile's SIDs depend on beside the model files, the processed data and
+    `model.*`: the user text rule and the derivation, read by the same two records the profile
+    code reads, so a new setting cannot reach the profile without reaching a cache key too."""
+    return {"text": asdict(UserTextRule.from_params(params)), "derivation": asdict(SidDerivation.from_params(params))}
 
 
 def withheld_validation_rows(inter: pd.DataFrame) -> pd.Series:
@@ -95,7 +123,7 @@ def serving_texts(processed_dir: str | Path, params: dict) -> list[str]:
 
 
 def fresh_user_sids(texts: list[str], own: pd.DataFrame, quantizer, embedder, tokenizer, params: dict,
-                    dynamic: bool, purpose: str = "test time") -> pd.DataFrame:
+                    purpose: str = "test time") -> pd.DataFrame:
     """The user SID table of `texts` (row i = user i), derived as the model's own table `own`
     was (module docstring). `embedder`: the backbone for a static index, the trained LLM for a
     dynamic one. `purpose` ("test time", "serving") names the derivation in its messages."""
@@ -108,22 +136,21 @@ def fresh_user_sids(texts: list[str], own: pd.DataFrame, quantizer, embedder, to
         raise TTDSError(f"the model's user table (user ids 0..{len(own) - 1} expected, {len(own)} rows) does not "
                         f"match the {len(texts)} users of the processed data (data/processed and data/model "
                         "are from different runs?)")
-    x = embed_texts(embedder, tokenizer, texts, batch_size=get(params, "embed.batch_size", int, 32, min_value=1),
-                    max_tokens=get(params, "model.max_text_tokens", int, 64, min_value=1), progress=False,
-                    label="user")
+    settings = SidDerivation.from_params(params)
+    dynamic = settings.dynamic
+    x = embed_texts(embedder, tokenizer, texts, batch_size=settings.embed_batch_size,
+                    max_tokens=settings.max_text_tokens, progress=False, label="user")
     if not np.isfinite(x).all():
         raise TTDSError(f"user profile at {purpose}: non-finite embeddings (try model.dtype: float32)")
     if dynamic:
         quantizer.fit_normalisation(x)
         previous = table_codes(own, "user_id")
-        margin = get(params, "index.refresh_margin", float, 0.2, min_value=0.0)
-        codes = quantize_codes(quantizer, x, previous, margin)
+        codes = quantize_codes(quantizer, x, previous, settings.refresh_margin)
     else:
         codes = quantize_codes(quantizer, x)
     ids = own["user_id"].to_numpy()
-    max_suffix = get(params, "index.max_suffix", int, min_value=0)
     try:
-        suffix = resolve_collisions(codes, ids, max_suffix=max_suffix)
+        suffix = resolve_collisions(codes, ids, max_suffix=settings.max_suffix)
     except TTDSError as exc:
         if not dynamic:
             raise TTDSError(f"user profile at {purpose}: {exc}") from None
@@ -147,13 +174,12 @@ def user_sids_of(texts: list[str], params: dict, rec, model_dir: str | Path,
     if "user" not in quantizers:
         raise TTDSError(f"{Path(model_dir) / 'quantizers.safetensors'}: no user quantizer "
                         "(the model has a user table; rerun finetune)")
-    if get(params, "index.dynamic", bool):
+    if SidDerivation.from_params(params).dynamic:
         # a refresh embeds with the training LLM (LoRA unmerged); the merged model is the same
         # function up to rounding
-        return fresh_user_sids(texts, rec.user_sids, quantizers["user"], rec.model, rec.tokenizer, params, True,
-                               purpose)
+        return fresh_user_sids(texts, rec.user_sids, quantizers["user"], rec.model, rec.tokenizer, params, purpose)
     backbone, tokenizer = load_backbone(params, device=rec.device, backbone_dir=backbone_dir)
-    table = fresh_user_sids(texts, rec.user_sids, quantizers["user"], backbone, tokenizer, params, False, purpose)
+    table = fresh_user_sids(texts, rec.user_sids, quantizers["user"], backbone, tokenizer, params, purpose)
     del backbone  # a second copy of the backbone beside the recommender: free it before ranking
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
