@@ -30,7 +30,6 @@ import csv
 import math
 from pathlib import Path
 
-
 from ttds_core.config import load_params
 from ttds_core.errors import TTDSError
 from ttds_core.io import atomic_path, read_json, read_parquet, write_json, write_parquet

@@ -56,9 +56,20 @@ def test_a_bench_script_checks_the_workspace_params_before_any_work(tmp_path, sc
 
     from ttds_core.errors import TTDSError
 
-    params = yaml.safe_load(Path("params.yaml").read_text())
+    params = copy.deepcopy(SHIPPED)
     params["eval"]["beamz"] = 20
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     main = importlib.import_module(f"bench.{script}").main
     with pytest.raises(TTDSError, match="beamz"):
         main(["--root", str(tmp_path), "--out", str(tmp_path / "out.json")])
+
+
+def test_a_bench_script_run_as_a_module_says_it_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "params.yaml").write_text("data: [1\n")
+    run = subprocess.run([sys.executable, "-m", "bench.context_shift", "--root", str(tmp_path)],
+                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines() == [f"error: {tmp_path / 'params.yaml'}: not valid YAML (ParserError)"]

@@ -208,7 +208,8 @@ def test_fresh_profile_is_part_of_the_cache_key(rec, dirs, fresh):  # noqa: F811
 
 @pytest.mark.parametrize("key,value", [("data.user_text_items", 3), ("data.review_chars", 100),
                                        ("data.user_text_chars", 256), ("embed.batch_size", 4),
-                                       ("model.max_text_tokens", 16), ("index.dynamic", True),
+                                       ("model.max_text_tokens", 16),  # hashed twice: with model.* too
+                                       ("index.dynamic", True),
                                        ("index.refresh_margin", 0.5), ("index.max_suffix", 4)])
 def test_every_setting_of_the_fresh_derivation_is_part_of_the_cache_key(rec, dirs, fresh, key, value):  # noqa: F811
     params, _, _ = fresh

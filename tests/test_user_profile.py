@@ -117,7 +117,8 @@ def test_dynamic_index_keeps_codes_within_the_refresh_margin(tower):
     model, tok, texts, q, own, params = tower
     changed = ["Super Mario Bros. Nintendo Switch"] + texts[1:]
     # margin .999: a new code must be 1,000 times closer, so nobody's SID moves (hysteresis)
-    sticky = up.fresh_user_sids(changed, own, q, model, tok, dynamic({**params, "index": {"max_suffix": 8, "refresh_margin": 0.999}}, True))
+    sticky_params = dynamic({**params, "index": {"max_suffix": 8, "refresh_margin": 0.999}}, True)
+    sticky = up.fresh_user_sids(changed, own, q, model, tok, sticky_params)
     assert sticky["sid"].tolist() == own["sid"].tolist()
 
 

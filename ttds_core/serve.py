@@ -106,12 +106,10 @@ def require_model(model_dir) -> Path:
     return model_dir
 
 
-def load_model(params: dict, model_dir=MODEL_DIR, backbone_dir=BACKBONE_DIR, checked: bool = False):
-    """The trained recommender; `checked`: the caller has already called `require_model`."""
+def load_model(params: dict, model_dir=MODEL_DIR, backbone_dir=BACKBONE_DIR):
     from .recommender import load_recommender
 
-    if not checked:
-        require_model(model_dir)
+    require_model(model_dir)
     return load_recommender(params, model_dir=model_dir, backbone_dir=backbone_dir)
 
 
@@ -245,7 +243,10 @@ def recommend(params: dict, user: str, k: int, processed_dir=PROCESSED_DIR, mode
     cases = serving_cases(sequences, cfg["max_history"], users=[user_id])
     if not cases:
         raise TTDSError(f"user {user!r}: no interactions in {processed_dir / 'sequences.parquet'}")
-    rec = rec if rec is not None else load_model(params, model_dir, backbone_dir, checked=True)
+    if rec is None:  # the fingerprint has checked that the model exists
+        from .recommender import load_recommender
+
+        rec = load_recommender(params, model_dir=model_dir, backbone_dir=backbone_dir)
     user_sids = cached_user_sids(params, rec, stamp, out_dir, model_dir, backbone_dir, processed_dir)
     ranked = rank_users(params, cases, model_dir, backbone_dir, rec=rec, sequences=sequences, user_sids=user_sids)[0]
     return user_id, ranked[:k], "model"

@@ -54,7 +54,7 @@ SERVING_SPLITS = ("train", "valid", "test")  # at serving time every known inter
 @dataclass(frozen=True)
 class SidDerivation:
     """Every param the derivation of SIDs from the user texts reads (beside the model files and
-    `model.*`); `fresh_user_sids` reads its settings only from here."""
+    the backbone's other `model.*` settings); `fresh_user_sids` reads its settings only from here."""
 
     embed_batch_size: int
     max_text_tokens: int
@@ -122,11 +122,11 @@ def serving_texts(processed_dir: str | Path, params: dict) -> list[str]:
     return user_texts(inter, titles, UserTextRule.from_params(params), SERVING_SPLITS)[0]
 
 
-def fresh_user_sids(texts: list[str], own: pd.DataFrame, quantizer, embedder, tokenizer, params: dict,
+def fresh_user_sids(texts: list[str], own: pd.DataFrame, quantizer, embedder, tokenizer, params: dict, *,
                     purpose: str = "test time") -> pd.DataFrame:
     """The user SID table of `texts` (row i = user i), derived as the model's own table `own`
     was (module docstring). `embedder`: the backbone for a static index, the trained LLM for a
-    dynamic one. `purpose` ("test time", "serving") names the derivation in its messages."""
+    dynamic one, as `index.dynamic` in `params` says (`user_sids_of` picks it). `purpose` ("test time", "serving") names the derivation in its messages."""
     from .dynamic import quantize_codes, table_codes
     from .embedding import embed_texts
     from .sids import resolve_collisions, sid_table
@@ -177,9 +177,10 @@ def user_sids_of(texts: list[str], params: dict, rec, model_dir: str | Path,
     if SidDerivation.from_params(params).dynamic:
         # a refresh embeds with the training LLM (LoRA unmerged); the merged model is the same
         # function up to rounding
-        return fresh_user_sids(texts, rec.user_sids, quantizers["user"], rec.model, rec.tokenizer, params, purpose)
+        return fresh_user_sids(texts, rec.user_sids, quantizers["user"], rec.model, rec.tokenizer, params,
+                               purpose=purpose)
     backbone, tokenizer = load_backbone(params, device=rec.device, backbone_dir=backbone_dir)
-    table = fresh_user_sids(texts, rec.user_sids, quantizers["user"], backbone, tokenizer, params, purpose)
+    table = fresh_user_sids(texts, rec.user_sids, quantizers["user"], backbone, tokenizer, params, purpose=purpose)
     del backbone  # a second copy of the backbone beside the recommender: free it before ranking
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
