@@ -81,7 +81,7 @@ def main(argv=None) -> None:
     params = load_params(root / "params.yaml")
     cfg = eval_settings(params)
     if not cfg.packed:
-        raise SystemExit("error: attention_share reads the packed seqrec format (tasks.seqrec_format: packed)")
+        raise TTDSError("attention_share reads the packed seqrec format (tasks.seqrec_format: packed)")
     rec = load_recommender(params, model_dir=root / "data" / "model", backbone_dir=root / "data" / "backbone")
     rec.model.set_attn_implementation("eager")  # fused kernels return no attention weights
     builder = PromptBuilder(rec.tokenizer, rec.item_sids, rec.user_sids, cfg.template, cfg.packed)

@@ -234,7 +234,7 @@ def recommend(params: dict, user: str, k: int, processed_dir=PROCESSED_DIR, mode
     processed_dir = Path(processed_dir)
     users = read_parquet(processed_dir / "users.parquet", ["user_id", "original_id"])
     user_id = resolve_user(users, user, str(processed_dir / "users.parquet"))
-    stamp = fingerprint(params, model_dir, backbone_dir, processed_dir)  # checks the model, hashes its files: once
+    stamp = fingerprint(params, model_dir, backbone_dir, processed_dir)  # hashes the model files: once
     hit, why = cached_topk(user_id, k, stamp, out_dir)
     if hit is not None:
         return user_id, hit, "cache"
@@ -243,10 +243,7 @@ def recommend(params: dict, user: str, k: int, processed_dir=PROCESSED_DIR, mode
     cases = serving_cases(sequences, cfg["max_history"], users=[user_id])
     if not cases:
         raise TTDSError(f"user {user!r}: no interactions in {processed_dir / 'sequences.parquet'}")
-    if rec is None:  # the fingerprint has checked that the model exists
-        from .recommender import load_recommender
-
-        rec = load_recommender(params, model_dir=model_dir, backbone_dir=backbone_dir)
+    rec = rec if rec is not None else load_model(params, model_dir, backbone_dir)
     user_sids = cached_user_sids(params, rec, stamp, out_dir, model_dir, backbone_dir, processed_dir)
     ranked = rank_users(params, cases, model_dir, backbone_dir, rec=rec, sequences=sequences, user_sids=user_sids)[0]
     return user_id, ranked[:k], "model"

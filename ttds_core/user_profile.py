@@ -126,7 +126,8 @@ def fresh_user_sids(texts: list[str], own: pd.DataFrame, quantizer, embedder, to
                     purpose: str = "test time") -> pd.DataFrame:
     """The user SID table of `texts` (row i = user i), derived as the model's own table `own`
     was (module docstring). `embedder`: the backbone for a static index, the trained LLM for a
-    dynamic one, as `index.dynamic` in `params` says (`user_sids_of` picks it). `purpose` ("test time", "serving") names the derivation in its messages."""
+    dynamic one, as `index.dynamic` in `params` says (`user_sids_of` picks it). `purpose`
+    ("test time", "serving") names the derivation in its messages."""
     from .dynamic import quantize_codes, table_codes
     from .embedding import embed_texts
     from .sids import resolve_collisions, sid_table
