@@ -35,7 +35,7 @@ from ttds_core.errors import TTDSError
 from ttds_core.io import atomic_path, read_json, read_parquet, write_json, write_parquet
 from ttds_core.report import BASELINE_LABELS, METRICS, RANK_COLUMNS, paired_test, per_user
 
-MODELS = ("mostpop", "gru4rec", "bert4rec", "fmlprec", "sasrec")  # table order; TTDS last
+MODELS = ("mostpop", "markov", "gru4rec", "bert4rec", "fmlprec", "sasrec")  # table order; TTDS last
 SECTIONS = ("test", "test_masked", "valid", "valid_masked")
 
 

@@ -65,7 +65,7 @@ def test_training_windows_cover_train_items_once_and_nothing_else():
     assert windows.shape[1] == 9
 
 
-@pytest.mark.parametrize("name", ["mostpop", "fmlprec"])
+@pytest.mark.parametrize("name", ["mostpop", "markov", "fmlprec"])
 def test_split_matches_sequences_and_metrics_match_ranks(tmp_path, name):
     processed, seqs = _write_split(tmp_path)
     metrics = _run(tmp_path, processed, name, _params(epochs=2))
@@ -97,6 +97,42 @@ def test_mostpop_counts_training_items_only(tmp_path):
     test = ranks[(ranks.split == "test") & ~ranks.masked]
     # counts: item 1 x3, item 2 x2, ties among 0-count items broken by id -> item 9 ranks 1+2+7
     assert test["rank"].tolist() == [10, 10, 10]
+
+
+def test_markov_counts_training_transitions_only(tmp_path):
+    processed = tmp_path / "processed"
+    processed.mkdir()
+    # 1 -> 2 (train -> validation) and 2 -> 3 (validation -> test) are every user's: counted,
+    # they would put each target first
+    pd.DataFrame({"user_id": [0, 1, 2], "items": [[0, 1, 2, 3], [4, 1, 2, 3], [5, 1, 2, 3]]}).to_parquet(
+        processed / "sequences.parquet", index=False)
+    _run(tmp_path, processed, "markov", _params())
+    ranks = pd.read_parquet(tmp_path / "out" / "markov" / "ranks.parquet")
+    unmasked = ranks[~ranks.masked].set_index("split")["rank"]
+    # no transition leaves 1 or 2 in training: popularity order 1, 0, 4, 5, then 2, 3 by id
+    assert unmasked["valid"].tolist() == [5, 5, 5]
+    assert unmasked["test"].tolist() == [6, 6, 6]
+
+
+def test_markov_ranks_by_transitions_then_popularity():
+    from ttds_core.baselines.markov import Markov
+
+    model = Markov(6)
+    model.fit([np.array([0, 1, 5]), np.array([0, 1]), np.array([0, 2]), np.array([3, 2]), np.array([3, 2])])
+    inputs, lengths = pad_inputs([np.array([4, 0]), np.array([3]), np.array([5])], max_history=4)
+    order = model.scores(inputs, lengths).argsort(1, descending=True).tolist()
+    assert order[0] == [1, 2, 0, 3, 5, 4]  # after 0: 1 (twice), 2 (once), then by popularity
+    assert order[1] == [2, 0, 1, 3, 5, 4]  # after 3: 2; the rest by popularity, ties by id
+    assert order[2] == [0, 2, 1, 3, 5, 4]  # nothing ever followed 5: popularity alone
+
+
+def test_markov_learns_the_walk(tmp_path):
+    processed, _ = _write_split(tmp_path)
+    pop = _run(tmp_path, processed, "mostpop", _params())
+    model = _run(tmp_path, processed, "markov", _params())
+    assert model["test"]["HR@1"] > 0.9 and model["valid"]["HR@1"] > 0.9
+    assert model["test"]["NDCG@10"] > pop["test"]["NDCG@10"] + 0.5
+    assert model["epochs"] == 0
 
 
 @pytest.mark.parametrize("name", ["sasrec", "fmlprec"])

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .collaborative import item_vectors
 from .config import get
 from .errors import TTDSError
 from .io import atomic_dir, read_json, read_npy, write_json, write_parquet
@@ -16,9 +17,9 @@ from .quantize import load_quantizer
 from .sids import FILES, index_stats, resolve_collisions, row_groups, sid_table
 
 
-def build_tower(quantizer_path: Path, embeddings_path: Path, tower: str, max_suffix: int):
-    """(table, stats) of one tower: quantize every row of the embeddings, resolve collisions."""
-    x = read_npy(embeddings_path).astype(np.float32)
+def build_tower(quantizer_path: Path, x: np.ndarray, tower: str, max_suffix: int):
+    """(table, stats) of one tower: quantize every row of `x` (the tower's vectors), resolve
+    collisions."""
     q, cfg = load_quantizer(quantizer_path, in_dim=x.shape[1] if x.ndim == 2 else None)
     ids = np.arange(len(x))
     codes = q.codes(x, ids=ids).cpu().numpy()
@@ -42,8 +43,10 @@ def _check_config(cfg: dict, params: dict, path: Path) -> None:
 
 
 def run(params: dict, embeddings_dir: str | Path = "data/embeddings", quantizer_dir: str | Path = "data/quantizer",
-        out_dir: str | Path = "data/sids", metrics_path: str | Path = "metrics/sids.json") -> None:
-    """The `build_sids` stage: data/sids/{items,users}.parquet and metrics/sids.json."""
+        out_dir: str | Path = "data/sids", metrics_path: str | Path = "metrics/sids.json",
+        processed_dir: str | Path = "data/processed") -> None:
+    """The `build_sids` stage: data/sids/{items,users}.parquet and metrics/sids.json. Items are
+    quantized from `collaborative.item_vectors`, the vectors warm-up trained on."""
     embeddings_dir, quantizer_dir = Path(embeddings_dir), Path(quantizer_dir)
     max_suffix = get(params, "index.max_suffix", int, min_value=0)
     towers = ["item", "user"] if get(params, "tower.user", bool) else ["item"]
@@ -54,8 +57,10 @@ def run(params: dict, embeddings_dir: str | Path = "data/embeddings", quantizer_
             if tower not in config:
                 raise TTDSError(f"{quantizer_dir / 'config.json'}: no {tower} quantizer (rerun the warmup stage)")
             _check_config(config[tower], params, quantizer_dir / "config.json")
-            table, stats = build_tower(quantizer_dir / f"{tower}.safetensors",
-                                       embeddings_dir / f"{FILES[tower]}.npy", tower, max_suffix)
+            x = read_npy(embeddings_dir / f"{FILES[tower]}.npy").astype(np.float32)
+            if tower == "item":
+                x = item_vectors(params, x, processed_dir)
+            table, stats = build_tower(quantizer_dir / f"{tower}.safetensors", x, tower, max_suffix)
             write_parquet(tmp / f"{FILES[tower]}.parquet", table)
             metrics[tower] = stats
     write_json(metrics_path, metrics)

@@ -83,7 +83,7 @@ def finetune(params: str = typer.Option("params.yaml", help="params file"),
 
 
 @app.command()
-def baseline(name: str = typer.Argument(..., help="mostpop | sasrec | gru4rec | bert4rec | fmlprec"),
+def baseline(name: str = typer.Argument(..., help="mostpop | markov | sasrec | gru4rec | bert4rec | fmlprec"),
              params: str = typer.Option("params.yaml", help="params file")) -> None:
     """Train and evaluate one classic baseline on the evaluation split."""
     run_stage("baseline", params, name=name)

@@ -343,8 +343,10 @@ def quantize_codes(quantizer, x: np.ndarray, previous: np.ndarray | None = None,
 
 
 def refresh_tower(model, tokenizer, quantizer, texts: list[str], old: pd.DataFrame, lay: TowerLayout,
-                  embed_kwargs: dict, margin: float = 0.0) -> tuple[np.ndarray, pd.DataFrame, dict]:
+                  embed_kwargs: dict, margin: float = 0.0, transform=None) -> tuple[np.ndarray, pd.DataFrame, dict]:
     """Re-embed `texts` with the current LLM, re-quantise, re-resolve collisions.
+    `transform`: applied to the re-embedded X before quantizing (the item tower's
+    `index.cf_mix`), so a refresh quantizes the same kind of vector warm-up did.
 
     `margin` > 0 keeps an entity's code at a level unless the nearest code is closer by
     that relative margin (`RQVAE.sticky_codes`), or an LSH bit unless its projection
@@ -361,6 +363,8 @@ def refresh_tower(model, tokenizer, quantizer, texts: list[str], old: pd.DataFra
     was_training = model.training
     model.eval()
     x = embed_texts(model, tokenizer, texts, **embed_kwargs)
+    if transform is not None:
+        x = transform(x)
     if was_training:
         model.train()
     # LoRA shifts the mean and scale of the pooled states as a whole; re-standardising

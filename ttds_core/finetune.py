@@ -50,9 +50,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from . import tasks
+from . import collaborative, tasks
 from .batches import epoch_batches, step_inputs, user_token_drops
 from .config import get, seed_everything
 from .errors import TTDSError
@@ -80,7 +81,9 @@ class Job:
 
 def prepare(params: dict, cfg: TrainConfig, data_dir: Path, max_history: int, device) -> Job:
     sequences, items, interactions, texts, x, tables = load_inputs(params, data_dir, cfg.towers)
-    index = IndexState(tables=tables, x=x)
+    pairs = collaborative.transition_pairs([np.asarray(s, dtype=np.int64) for s in sequences["items"]]) \
+        if collaborative.cf_mix(params) > 0 else None
+    index = IndexState(tables=tables, x=x, item_pairs=pairs)
     ts_align, sid_length = get(params, "tasks.ts_align", bool, False), get(params, "index.length", int)
     weights = tasks.enabled_tasks(get(params, "tasks.weights", dict), get(params, "tasks.high_order", bool),
                                   "user" in cfg.towers, ts_align)

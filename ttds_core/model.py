@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import dynamic, packing, tasks
+from . import collaborative, dynamic, packing, tasks
 from .backbone import decoder_of, hf_model, quiet_peft
 from .batches import collate
 from .config import get
@@ -40,10 +40,13 @@ TOWER_FILES = {"item": ("items", "item_id"), "user": ("users", "user_id")}
 
 @dataclass
 class IndexState:
-    """What the dynamic index changes: SID tables and the cached text representations X."""
+    """What the dynamic index changes: SID tables and the cached text representations X.
+    `item_pairs`: the training transitions a refresh mixes into re-embedded item vectors
+    (`index.cf_mix`; None when it is 0)."""
     tables: dict[str, pd.DataFrame]
     x: dict[str, np.ndarray]
     churn: list[dict] = field(default_factory=list)
+    item_pairs: np.ndarray | None = None
 
     def sid_tables(self) -> tasks.SidTables:
         item = dynamic.sid_strings(self.tables["item"], "item_id", len(self.x["item"]))
@@ -237,6 +240,8 @@ def load_inputs(params: dict, data_dir: Path, towers: list[str]):
         if len(x[tower]) != len(texts[tower]):
             raise TTDSError(f"{data_dir}/embeddings/{name}.npy: {len(x[tower])} rows, "
                             f"{name}.parquet has {len(texts[tower])}")
+        if tower == "item":  # the vectors the index was built from (index.cf_mix)
+            x[tower] = collaborative.item_vectors(params, x[tower], processed)
         tables[tower] = read_parquet(data_dir / "sids" / f"{name}.parquet", [key, "codes", "suffix", "sid"])
         tables[tower] = tables[tower][[key, "codes", "suffix", "sid"]].sort_values(key).reset_index(drop=True)
         dynamic.sid_strings(tables[tower], key, len(texts[tower]))  # checks completeness
@@ -403,15 +408,19 @@ def refresh_index(module: TTDSModule, tokenizer, index: IndexState, texts: dict,
     embed_kwargs = {"batch_size": get(params, "embed.batch_size", int, 32, min_value=1),
                     "max_tokens": max_tokens, "device": device, "progress": False}
     token_ids = {} if token_ids is None else token_ids
+    gamma = collaborative.cf_mix(params)
     record = {"step": step}
     for lay in module.sid.layouts:
         if lay.tower not in token_ids:
             token_ids[lay.tower] = tokenize_texts(tokenizer, texts[lay.tower], max_tokens, lay.tower)
+        transform = None
+        if lay.tower == "item" and gamma > 0:  # the same collaborative mix the index was built with
+            transform = lambda v: collaborative.mix(v, index.item_pairs, gamma)  # noqa: E731
         x, table, ch = dynamic.refresh_tower(module.lm, tokenizer, module.sid.quantizers[lay.tower],
                                              texts[lay.tower], index.tables[lay.tower], lay,
                                              {**embed_kwargs, "token_ids": token_ids[lay.tower]},
                                              margin=get(params, "index.refresh_margin", float, 0.2,
-                                                        min_value=0.0))
+                                                        min_value=0.0), transform=transform)
         index.x[lay.tower], index.tables[lay.tower] = x, table
         # churn -> churn_item, churn_level_2 -> churn_item_level_2
         record.update({f"churn_{lay.tower}{k[len('churn'):]}": v for k, v in ch.items()})

@@ -29,7 +29,7 @@ from .metrics import metric_table
 from .variants import VARIANTS, variant_name
 
 METRICS = ("HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10")
-BASELINE_LABELS = {"mostpop": "MostPop", "gru4rec": "GRU4Rec", "bert4rec": "BERT4Rec", "fmlprec": "FMLP-Rec",
+BASELINE_LABELS = {"mostpop": "MostPop", "markov": "Markov", "gru4rec": "GRU4Rec", "bert4rec": "BERT4Rec", "fmlprec": "FMLP-Rec",
                    "sasrec": "SASRec"}
 TABLE2 = ("TTDS", "STDS", "TTSS", "TTDS-DM", "STDS-DM", "TTDS-HO")
 TABLE3 = ("TTDS", "TTDS-3", "TTDS-5", "TTSS", "TT-DLSH", "TT-SLSH", "TT-SR")

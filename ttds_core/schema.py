@@ -33,7 +33,7 @@ SCORINGS = ("full", "sid")
 USER_PROFILES = ("fresh", "training")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 INITS = ("random", "semantic")
-BASELINE_MODELS = ("mostpop", "sasrec", "gru4rec", "bert4rec", "fmlprec")
+BASELINE_MODELS = ("mostpop", "markov", "sasrec", "gru4rec", "bert4rec", "fmlprec")
 DEVICES = ("auto", "cpu", "cuda")
 
 # Keys that were renamed: a one-line pointer instead of "unknown parameter".
@@ -101,6 +101,7 @@ SCHEMA: dict[str, Param] = {
     "index.refresh_samples": Param(int, 1),
     "index.refresh_margin": Param(NUMBER, 0, 1, below=True),
     "index.tie_embeddings": Param(bool),
+    "index.cf_mix": Param(NUMBER, 0, 1),
     "warmup.epochs": Param(int, 0),
     "warmup.batch_size": Param(int, 1),
     "warmup.lr": Param(NUMBER, 0),

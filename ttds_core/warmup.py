@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .collaborative import item_vectors
 from .config import get, seed_everything
 from .errors import TTDSError
 from .io import atomic_dir, read_npy, write_json
@@ -170,8 +171,10 @@ def _log_histories(histories: dict, path: str) -> None:
 
 
 def run(params: dict, embeddings_dir: str | Path = "data/embeddings", out_dir: str | Path = "data/quantizer",
-        metrics_path: str | Path = "metrics/warmup.json", live_dir: str = "dvclive/warmup") -> None:
-    """The `warmup` stage: data/embeddings -> data/quantizer/{item,user}.safetensors + config.json."""
+        metrics_path: str | Path = "metrics/warmup.json", live_dir: str = "dvclive/warmup",
+        processed_dir: str | Path = "data/processed") -> None:
+    """The `warmup` stage: data/embeddings -> data/quantizer/{item,user}.safetensors + config.json.
+    The item tower trains on `collaborative.item_vectors` (X itself unless `index.cf_mix` > 0)."""
     seed = get(params, "seed", int, 42)
     towers = ["item", "user"] if get(params, "tower.user", bool) else ["item"]
     train_cfg = warmup_config(params)
@@ -179,6 +182,8 @@ def run(params: dict, embeddings_dir: str | Path = "data/embeddings", out_dir: s
     with atomic_dir(out_dir) as tmp:
         for i, tower in enumerate(towers):
             x = read_npy(Path(embeddings_dir) / f"{FILES[tower]}.npy").astype(np.float32)
+            if tower == "item":
+                x = item_vectors(params, x, processed_dir)
             cfg = {**index_config(params, x.shape[1] if x.ndim == 2 else 0), "seed": seed + i}
             start = time.perf_counter()
             if cfg["kind"] == "rq":

@@ -23,11 +23,11 @@ import torch
 from ..config import get, seed_everything
 from ..errors import TTDSError
 from ..io import atomic_dir, write_json, write_parquet
-from . import bert4rec, fmlprec, gru4rec, mostpop, sasrec
+from . import bert4rec, fmlprec, gru4rec, markov, mostpop, sasrec
 from .data import load_split
 from .loop import fit_and_evaluate
 
-MODELS = {"mostpop": mostpop.build, "sasrec": sasrec.build, "gru4rec": gru4rec.build,
+MODELS = {"mostpop": mostpop.build, "markov": markov.build, "sasrec": sasrec.build, "gru4rec": gru4rec.build,
           "bert4rec": bert4rec.build, "fmlprec": fmlprec.build}
 
 # key -> (type, minimum); each may be overridden per model as baselines.<name>.<key>
