@@ -10,7 +10,7 @@ per-epoch validation `data/baselines/<model>/history.json`, and `params.yaml`. W
 `--out`:
 
 - `results.json`: the subset, every model's valid/test HR@1/5/10 and NDCG@5/10 (unmasked and
-  masked), epochs and seconds, and the paired tests of TTDS against SASRec and MostPop;
+  masked), epochs and seconds, and the paired tests of TTDS against SASRec, Markov and MostPop;
 - `results.md`: the same as markdown tables (pasted into docs/benchmark.md);
 - `curves/<model>.csv` (epoch, valid_NDCG@10) for `dvc plots show` (dvc.yaml, top-level
   `plots`) and `learning_curves.png`: validation NDCG@10 per epoch of every model;
@@ -61,7 +61,7 @@ def load(root: Path, masked: bool = False) -> dict:
     models["TTDS"] = {"metrics": read_json(root / "metrics" / "eval.json"), "curve": curve,
                       "ranks": read_parquet(root / "data" / "eval" / "ranks.parquet", RANK_COLUMNS),
                       "finetune": finetune, "steps_per_epoch": per_epoch}
-    # MostPop does not train: its validation score is one flat line over the epochs shown.
+    # MostPop and Markov do not train: each validation score is one flat line over the epochs shown.
     last = math.ceil(max((e for m in models.values() for e, _ in m["curve"]), default=1))
     for m in models.values():
         if not m["curve"]:
@@ -93,9 +93,9 @@ def table(models: dict) -> dict:
 
 
 def paired(models: dict, against: dict | None = None) -> dict:
-    """TTDS against SASRec, MostPop and every earlier TTDS run in `against` (label -> ranks)."""
+    """TTDS against SASRec, Markov, MostPop and every earlier TTDS run in `against` (label -> ranks)."""
     ours = models["TTDS"]["ranks"]
-    others = {name: models[name]["ranks"] for name in ("SASRec", "MostPop")} | (against or {})
+    others = {name: models[name]["ranks"] for name in ("SASRec", "Markov", "MostPop")} | (against or {})
     out = {}
     for other, theirs in others.items():
         for split in ("test", "valid"):
@@ -178,7 +178,7 @@ def write_curves(models: dict, out: Path) -> None:
     for name, m in models.items():
         if m["curve"]:
             xs, ys = zip(*m["curve"])
-            flat = name == "MostPop"  # not trained: one value
+            flat = name in ("MostPop", "Markov")  # not trained: one value
             ax.plot(xs, ys, marker=None if flat else "o", ms=3, ls="--" if flat else "-",
                     lw=2.2 if name == "TTDS" else 1.2, label=name)
     ax.set_xlabel("epoch (pass over the training data)")

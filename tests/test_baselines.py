@@ -86,32 +86,31 @@ def test_split_matches_sequences_and_metrics_match_ranks(tmp_path, name):
     assert metrics["users"] == len(seqs) and set(metrics) >= {"test", "valid", "test_masked", "valid_masked"}
 
 
-def test_mostpop_counts_training_items_only(tmp_path):
+def _unmasked_ranks(tmp_path, name, sequences: list[list[int]]) -> pd.Series:
+    """Unmasked ranks of `name` on these users' sequences (no items.parquet: ids 0..max)."""
     processed = tmp_path / "processed"
     processed.mkdir()
-    # item 9 is every user's test target: a leak would make it the most popular item
-    pd.DataFrame({"user_id": [0, 1, 2], "items": [[1, 2, 3, 9], [1, 4, 5, 9], [2, 1, 6, 9]]}).to_parquet(
+    pd.DataFrame({"user_id": range(len(sequences)), "items": sequences}).to_parquet(
         processed / "sequences.parquet", index=False)
-    _run(tmp_path, processed, "mostpop", _params())
-    ranks = pd.read_parquet(tmp_path / "out" / "mostpop" / "ranks.parquet")
-    test = ranks[(ranks.split == "test") & ~ranks.masked]
+    _run(tmp_path, processed, name, _params())
+    ranks = pd.read_parquet(tmp_path / "out" / name / "ranks.parquet")
+    return ranks[~ranks.masked].set_index("split")["rank"]
+
+
+def test_mostpop_counts_training_items_only(tmp_path):
+    # item 9 is every user's test target: a leak would make it the most popular item
+    ranks = _unmasked_ranks(tmp_path, "mostpop", [[1, 2, 3, 9], [1, 4, 5, 9], [2, 1, 6, 9]])
     # counts: item 1 x3, item 2 x2, ties among 0-count items broken by id -> item 9 ranks 1+2+7
-    assert test["rank"].tolist() == [10, 10, 10]
+    assert ranks["test"].tolist() == [10, 10, 10]
 
 
 def test_markov_counts_training_transitions_only(tmp_path):
-    processed = tmp_path / "processed"
-    processed.mkdir()
     # 1 -> 2 (train -> validation) and 2 -> 3 (validation -> test) are every user's: counted,
     # they would put each target first
-    pd.DataFrame({"user_id": [0, 1, 2], "items": [[0, 1, 2, 3], [4, 1, 2, 3], [5, 1, 2, 3]]}).to_parquet(
-        processed / "sequences.parquet", index=False)
-    _run(tmp_path, processed, "markov", _params())
-    ranks = pd.read_parquet(tmp_path / "out" / "markov" / "ranks.parquet")
-    unmasked = ranks[~ranks.masked].set_index("split")["rank"]
+    ranks = _unmasked_ranks(tmp_path, "markov", [[0, 1, 2, 3], [4, 1, 2, 3], [5, 1, 2, 3]])
     # no transition leaves 1 or 2 in training: popularity order 1, 0, 4, 5, then 2, 3 by id
-    assert unmasked["valid"].tolist() == [5, 5, 5]
-    assert unmasked["test"].tolist() == [6, 6, 6]
+    assert ranks["valid"].tolist() == [5, 5, 5]
+    assert ranks["test"].tolist() == [6, 6, 6]
 
 
 def test_markov_ranks_by_transitions_then_popularity():
