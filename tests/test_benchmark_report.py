@@ -20,9 +20,10 @@ def test_earlier_run_is_paired_user_by_user(tmp_path):
     earlier = tmp_path / "benchmark-old"
     earlier.mkdir()
     write_parquet(earlier / "ttds_ranks.parquet", ranks([0] * 20))
-    models = {name: {"ranks": ranks([0] * 20)} for name in ("SASRec", "MostPop")}
+    models = {name: {"ranks": ranks([0] * 20)} for name in ("SASRec", "Markov", "MostPop")}
     models["TTDS"] = {"ranks": ranks([1] * 10 + [0] * 10)}
     tests = benchmark_report.paired(models, benchmark_report.earlier_runs([str(earlier)]))
+    assert set(tests) == {"SASRec", "Markov", "MostPop", "TTDS (benchmark-old)"}
     got = tests["TTDS (benchmark-old)"]["test"]
     assert (got["ndcg10_ours"], got["ndcg10_theirs"]) == (0.5, 0.0)
     assert (got["hits_only_ours"], got["hits_only_theirs"]) == (10, 0)
@@ -33,7 +34,7 @@ def test_earlier_run_on_other_targets_is_refused(tmp_path):
     earlier = tmp_path / "other-split"
     earlier.mkdir()
     write_parquet(earlier / "ttds_ranks.parquet", ranks([0] * 4, targets=[9, 9, 9, 9]))
-    models = {name: {"ranks": ranks([0] * 4)} for name in ("SASRec", "MostPop", "TTDS")}
+    models = {name: {"ranks": ranks([0] * 4)} for name in ("SASRec", "Markov", "MostPop", "TTDS")}
     with pytest.raises(TTDSError, match="not the same split"):
         benchmark_report.paired(models, benchmark_report.earlier_runs([str(earlier)]))
 
