@@ -50,7 +50,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from . import collaborative, tasks
@@ -81,8 +80,10 @@ class Job:
 
 def prepare(params: dict, cfg: TrainConfig, data_dir: Path, max_history: int, device) -> Job:
     sequences, items, interactions, texts, x, tables = load_inputs(params, data_dir, cfg.towers)
-    pairs = collaborative.transition_pairs([np.asarray(s, dtype=np.int64) for s in sequences["items"]]) \
-        if collaborative.cf_mix(params) > 0 else None
+    gamma, pairs = collaborative.cf_mix(params), None
+    if gamma > 0:  # the item vectors the index was built from, from the sequences already read
+        pairs = collaborative.transition_pairs(list(sequences["items"]))
+        x["item"] = collaborative.mix(x["item"], pairs, gamma)
     index = IndexState(tables=tables, x=x, item_pairs=pairs)
     ts_align, sid_length = get(params, "tasks.ts_align", bool, False), get(params, "index.length", int)
     weights = tasks.enabled_tasks(get(params, "tasks.weights", dict), get(params, "tasks.high_order", bool),

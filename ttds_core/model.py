@@ -240,8 +240,6 @@ def load_inputs(params: dict, data_dir: Path, towers: list[str]):
         if len(x[tower]) != len(texts[tower]):
             raise TTDSError(f"{data_dir}/embeddings/{name}.npy: {len(x[tower])} rows, "
                             f"{name}.parquet has {len(texts[tower])}")
-        if tower == "item":  # the vectors the index was built from (index.cf_mix)
-            x[tower] = collaborative.item_vectors(params, x[tower], processed)
         tables[tower] = read_parquet(data_dir / "sids" / f"{name}.parquet", [key, "codes", "suffix", "sid"])
         tables[tower] = tables[tower][[key, "codes", "suffix", "sid"]].sort_values(key).reset_index(drop=True)
         dynamic.sid_strings(tables[tower], key, len(texts[tower]))  # checks completeness
