@@ -90,3 +90,14 @@ def test_a_refresh_quantizes_the_transformed_vectors(tiny_lm):
     x1, _, _ = dynamic.refresh_tower(model, tok, q, texts, table0, lay, kwargs,
                                      transform=lambda v: collaborative.mix(v, pairs, 0.5))
     np.testing.assert_allclose(x1, collaborative.mix(x0, pairs, 0.5), atol=1e-5)
+
+
+def test_code_sharing_counts_pairs_under_one_prefix():
+    from bench.code_sharing import sharing
+
+    codes = np.array([[0, 0, 1], [0, 1, 1], [1, 1, 1], [0, 0, 2]])
+    pairs = np.array([[0, 1], [0, 3], [1, 2], [2, 3]])
+    got = sharing(codes, pairs)
+    assert got[1]["consecutive"] == 0.5   # 0-1 and 0-3 share the first code
+    assert got[2]["consecutive"] == 0.25  # only 0-3 shares the first two
+    assert set(got) == {1, 2} and 0 <= got[1]["shuffled"] <= 1
