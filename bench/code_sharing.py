@@ -19,6 +19,7 @@ import numpy as np
 
 from ttds_core.cli import user_errors
 from ttds_core.collaborative import transition_pairs
+from ttds_core.dynamic import table_codes
 from ttds_core.io import read_parquet, write_json
 
 
@@ -40,8 +41,7 @@ def main() -> None:
     ap.add_argument("--out", help="write the result as JSON here")
     args = ap.parse_args()
     root = Path(args.root)
-    table = read_parquet(root / "data" / "sids" / "items.parquet", ["item_id", "codes"]).sort_values("item_id")
-    codes = np.stack([np.asarray(c, dtype=np.int64) for c in table["codes"]])
+    codes = table_codes(read_parquet(root / "data" / "sids" / "items.parquet", ["item_id", "codes"]), "item_id")
     sequences = read_parquet(root / "data" / "processed" / "sequences.parquet", ["user_id", "items"])
     pairs = transition_pairs(list(sequences["items"]))
     result = {"pairs": int(len(pairs)), "items": int(len(codes)), "prefix": sharing(codes, pairs)}
