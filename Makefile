@@ -9,10 +9,10 @@ export TOKENIZERS_PARALLELISM := false
 .PHONY: install repro test benchmark
 
 # The separable benchmark (docs/benchmark.md): a uniform sample of 8,000 Games users (3,935
-# after the 5-core re-filter) where SASRec is ~3x MostPop, every baseline on the same users, and
+# after the 5-core re-filter) where SASRec is ~4x MostPop, every baseline on the same users, and
 # TTDS's recipe chosen there on validation: static index (TTSS) with the collaborative mix
 # (index.cf_mix), padding-free rows, LoRA lr 1e-3, 6 epochs validated on 600 fixed users (best
-# state kept), the popularity prior at ranking time. About 70 minutes on 2 CPU cores; it runs as
+# state kept), the popularity prior at ranking time. About an hour on 2 CPU cores; it runs as
 # a DVC experiment in this workspace (restore the default afterwards: docs/benchmark.md).
 BENCHMARK := -S data.max_users=8000 -S data.sampler=users -S index.dynamic=false -S index.cf_mix=0.9 \
              -S train.packing=true -S train.lr=1.0e-3 -S train.epochs=6 -S train.val_users=600 \

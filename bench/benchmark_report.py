@@ -142,6 +142,28 @@ def by_popularity(models: dict, counts, split: str = "test") -> dict:
     return out
 
 
+def masking_effect(models: dict, split: str = "test", depth: int = 20) -> dict:
+    """What history masking changes for each model, per user: in these 5-core sequences the
+    target is never a history item, so a target that ranks higher once the history is masked
+    had some of the user's own items ranked above it. Ranks beyond `depth` (TTDS's beam width)
+    count as unranked for every model, so the models are read the same way."""
+    import numpy as np
+
+    out = {}
+    for name, m in models.items():
+        plain, masked = (per_user(m["ranks"], masked=mk, split=split).sort_index() for mk in (False, True))
+        if plain.index.has_duplicates or not plain.index.equals(masked.index):
+            raise TTDSError(f"{name}: the masked and unmasked {split} ranks are not one row per user each, "
+                            "for the same users")
+        r0, r1 = (np.where(r <= depth, r, np.inf) for r in (plain["rank"].to_numpy(), masked["rank"].to_numpy()))
+        out[name] = {"users": len(plain), "depth": depth,
+                     "NDCG@10": round(float(plain["ndcg10"].mean()), 4),
+                     "NDCG@10_masked": round(float(masked["ndcg10"].mean()), 4),
+                     "target_rises": round(float(np.mean(r1 < r0)), 4),
+                     "enters_top10": round(float(np.mean((r1 <= 10) & (r0 > 10))), 4)}
+    return out
+
+
 def top1_popularity(root: Path, sequences, counts) -> dict | None:
     """How popular TTDS's first recommendation is, from the serving cache (`precompute`:
     `serve.max_users` users, history masked): the share of top-1 items among the 10 most
@@ -203,7 +225,7 @@ def ttds_epochs(models: dict) -> list[dict]:
 
 
 def markdown(subset: dict, rows: dict, tests: dict, popularity: dict, top1: dict | None,
-             epochs: list[dict] | None = None) -> str:
+             epochs: list[dict] | None = None, masking: dict | None = None) -> str:
     lines = [f"Subset: {subset['users']:,} users, {subset['items']:,} items, {subset['interactions']:,} "
              f"interactions; every model ranks all {rows['TTDS']['users']:,} users over all items.", ""]
     for section, title in (("test", "Test, unmasked"), ("test_masked", "Test, history masked"),
@@ -231,6 +253,15 @@ def markdown(subset: dict, rows: dict, tests: dict, popularity: dict, top1: dict
     for name, groups in popularity.items():
         lines.append(f"| {name} | " + " | ".join(f"{g['NDCG@10']:.4f} ({g['target_train_count_median']:.0f})"
                                                for g in groups.values()) + " |")
+    if masking:
+        depth = next(iter(masking.values()))["depth"]
+        lines += ["", "**What history masking changes (test)**: the share of users whose target ranks higher "
+                  f"once their own items are removed (some of them were ranked above it; ranks beyond {depth}, "
+                  "TTDS's beam width, count as unranked for every model) and whose target enters the top 10",
+                  "", "| model | NDCG@10 | masked | gain | target rises | enters top 10 |", "|---|---|---|---|---|---|"]
+        for name, e in masking.items():
+            lines.append(f"| {name} | {e['NDCG@10']:.4f} | {e['NDCG@10_masked']:.4f} | "
+                         f"{e['NDCG@10_masked'] - e['NDCG@10']:+.4f} | {e['target_rises']:.1%} | {e['enters_top10']:.1%} |")
     if top1:
         lines += ["", f"**TTDS's first recommendation** ({top1['users']} users of the serving cache, history masked): "
                   f"{top1['top1_in_10_most_popular']:.0%} are among the 10 most frequent training items; "
@@ -272,15 +303,17 @@ def main(argv=None) -> dict:
     counts = train_counts(sequences)
     popularity = by_popularity(models, counts)
     top1 = top1_popularity(root, sequences, counts)
+    masking = masking_effect(models, depth=int(params["eval"]["beams"]))  # TTDS ranks no deeper
     result = {"subset": {k: subset.get(k) for k in ("users", "items", "interactions")},
               "params": {"data": params["data"], "train": params["train"], "eval": params["eval"]},
               "models": rows, "paired_tests": tests, "by_target_popularity": popularity, "ttds_top1": top1,
+              "masking_effect": masking,
               "curves": {name: m["curve"] for name, m in models.items()}, "ttds_epochs": ttds_epochs(models)}
     write_json(out / "results.json", result)
     write_curves(models, out)
     write_parquet(out / "ttds_ranks.parquet", models["TTDS"]["ranks"])
     with atomic_path(out / "results.md", ".md") as tmp:
-        tmp.write_text(markdown(result["subset"], rows, tests, popularity, top1, result["ttds_epochs"]))
+        tmp.write_text(markdown(result["subset"], rows, tests, popularity, top1, result["ttds_epochs"], masking))
     print((out / "results.md").read_text())
     return result
 

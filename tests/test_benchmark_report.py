@@ -1,5 +1,7 @@
 """The benchmark report keeps TTDS's per-user ranks and pairs a later run with them."""
 
+import math
+
 import pandas as pd
 import pytest
 
@@ -42,3 +44,28 @@ def test_earlier_run_on_other_targets_is_refused(tmp_path):
 def test_folder_without_ranks_is_one_line(tmp_path):
     with pytest.raises(TTDSError, match="no ttds_ranks.parquet"):
         benchmark_report.earlier_runs([str(tmp_path)])
+
+
+def test_masking_effect_counts_targets_that_rise_with_the_history_masked():
+    plain = [12, 2, None, 30, 11, 21, 10]
+    masked = [3, 2, 15, 25, 10, 20, 10]
+    # user 0: 12 -> 3 (rises, enters the top 10); 1: unchanged; 2: unranked -> 15 (rises);
+    # 3: 30 -> 25, both beyond the depth of 20: unranked for every model, so no rise;
+    # 4: 11 -> 10 (enters the top 10 at its edge); 5: 21 -> 20 (rises into the depth); 6: unchanged at 10
+    users = list(range(len(plain)))
+    frame = pd.concat([pd.DataFrame({"user_id": users, "split": "test", "target": users, "rank": plain, "masked": False}),
+                       pd.DataFrame({"user_id": users[::-1], "split": "test", "target": users[::-1],
+                                     "rank": masked[::-1], "masked": True})],  # another row order
+                      ignore_index=True)
+    got = benchmark_report.masking_effect({"SASRec": {"ranks": frame}}, depth=20)["SASRec"]
+    assert got["target_rises"] == round(4 / 7, 4)
+    assert got["enters_top10"] == round(2 / 7, 4)
+    gain = lambda r: 1 / math.log2(r + 1)  # noqa: E731
+    assert got["NDCG@10"] == round((gain(2) + gain(10)) / 7, 4)
+    assert got["NDCG@10_masked"] == round((gain(3) + gain(2) + gain(10) + gain(10)) / 7, 4)
+
+
+def test_masking_effect_refuses_ranks_of_other_users():
+    frame = pd.DataFrame({"user_id": [0, 1], "split": "test", "target": [0, 1], "rank": [1, 1], "masked": [False, True]})
+    with pytest.raises(TTDSError, match="same users"):
+        benchmark_report.masking_effect({"SASRec": {"ranks": frame}})

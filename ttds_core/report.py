@@ -364,7 +364,7 @@ def per_user(ranks: pd.DataFrame, masked: bool, split: str = "test") -> pd.DataF
     part = ranks[(ranks["split"] == split) & (ranks["masked"] == masked)]
     r = pd.to_numeric(part["rank"], errors="coerce").to_numpy(float)
     r = np.where(np.isfinite(r) & (r > 0), r, np.inf)  # missing rank: outside the list
-    return pd.DataFrame({"user_id": part["user_id"].to_numpy(), "target": part["target"].to_numpy(),
+    return pd.DataFrame({"user_id": part["user_id"].to_numpy(), "target": part["target"].to_numpy(), "rank": r,
                          "ndcg10": np.where(r <= 10, 1.0 / np.log2(r + 1.0), 0.0),
                          "hit10": r <= 10}).set_index("user_id")
 
