@@ -14,6 +14,8 @@ export TOKENIZERS_PARALLELISM := false
 # (index.cf_mix), padding-free rows, LoRA lr 1e-3, 6 epochs validated on 600 fixed users (best
 # state kept), the popularity prior at ranking time. About an hour on 2 CPU cores; it runs as
 # a DVC experiment in this workspace (restore the default afterwards: docs/benchmark.md).
+# ARGS adds or overrides settings for one run, e.g. `make benchmark ARGS="-S train.epochs=10"`.
+ARGS ?=
 BENCHMARK := -S data.max_users=8000 -S data.sampler=users -S index.dynamic=false -S index.cf_mix=0.9 \
              -S train.packing=true -S train.lr=1.0e-3 -S train.epochs=6 -S train.val_users=600 \
              -S train.threads=2 -S train.max_minutes=130 -S eval.popularity_prior=0.75
@@ -38,5 +40,5 @@ test: install
 
 benchmark: install
 	-dvc exp remove benchmark 2>/dev/null  # a previous benchmark experiment of this commit
-	dvc exp run -n benchmark $(BENCHMARK)
+	dvc exp run -n benchmark $(BENCHMARK) $(ARGS)
 	$(PY) -m bench.benchmark_report
