@@ -1,7 +1,7 @@
-"""Choose the popularity prior's strength on validation: one prefill, every lambda.
+"""Choose the popularity prior's strength (and the scoring) on validation: one prefill, every lambda.
 
     python -m bench.popularity_prior --root <workspace> [--lambdas 0 0.1 0.2 ...] [--beams N]
-                                     [--out docs/bench/benchmark/popularity_prior.json]
+                                     [--scorings sid trie] [--out docs/bench/benchmark/popularity_prior.json]
 
 Ranks every user's **validation** case with the trained TTDS of the workspace at `--root`
 (`data/model`, `data/processed`, `params.yaml`) once per lambda of `eval.popularity_prior`
@@ -10,8 +10,10 @@ masked and unmasked, each batch prefilled once for all of them. It reports HR@1/
 NDCG@5/10 per lambda, NDCG@10 by the validation target's popularity (three equal groups of
 users: tail, middle, head), the paired Wilcoxon p of each lambda against lambda = 0, and
 the lambda with the best unmasked validation NDCG@10 (the selection rule of every model
-here). Test is not read: set the chosen value with `-S eval.popularity_prior=...` and the
-`evaluate` stage reports it.
+here). With `--scorings`, every (scoring, lambda) pair of `eval.scoring` values is ranked
+from the same prefill, and each row also has its paired p against the workspace's own
+scoring at the same lambda. Test is not read: set the chosen values with
+`-S eval.popularity_prior=... -S eval.scoring=...` and the `evaluate` stage reports them.
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ def main(argv=None) -> dict:
     from tqdm.auto import tqdm
 
     from ttds_core.evaluate import eval_settings
-    from ttds_core.ranker import PromptBuilder, ranker_for
+    from ttds_core.errors import TTDSError
+    from ttds_core.ranker import SCORINGS, PromptBuilder, Ranker, ranker_for
     from ttds_core.recommender import load_recommender
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -57,6 +60,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default="docs/bench/benchmark/popularity_prior.json")
     ap.add_argument("--max-users", type=int, default=None, help="a seeded sample of N users (a smoke test)")
     ap.add_argument("--beams", type=int, default=None, help="beam width (default: the workspace's eval.beams)")
+    ap.add_argument("--scorings", nargs="+", default=None,
+                    help="eval.scoring values to compare (default: the workspace's eval.scoring only)")
     args = ap.parse_args(argv)
     lambdas = sorted(set(args.lambdas) | {0.0})
     root = Path(args.root)
@@ -64,6 +69,10 @@ def main(argv=None) -> dict:
     if args.beams is not None:
         params["eval"]["beams"] = args.beams
     cfg = eval_settings(params)
+    scorings = list(dict.fromkeys([cfg.scoring] + (args.scorings or [])))
+    bad = [s for s in scorings if s not in SCORINGS]
+    if bad:
+        raise TTDSError(f"--scorings: {bad[0]!r}, expected one of {', '.join(SCORINGS)}")
     seed_everything(cfg.seed)
     sequences = read_parquet(root / "data" / "processed" / "sequences.parquet", ["user_id", "items"])
     users = select_users(sequences, args.max_users or cfg.max_users, cfg.seed)
@@ -72,43 +81,54 @@ def main(argv=None) -> dict:
     n_items = item_span(rec.item_sids["item_id"], sequences)
     counts = item_counts(sequences, n_items)          # training interactions only: no target leaks
     ranker, tables = ranker_for(rec.model, rec.tokenizer, rec.item_sids, cfg.beams, cfg.scoring)
+    rankers = {s: ranker if s == cfg.scoring else Ranker(rec.model, rec.tokenizer, tables, cfg.beams, s)
+               for s in scorings}   # one prefill serves them all: it does not depend on the scoring
     priors = {lam: tables.prior(counts + 1.0, lam) for lam in lambdas}
     builder = PromptBuilder(rec.tokenizer, rec.item_sids, rec.user_sids, cfg.template, cfg.packed)
     prompts = [builder(c.user_id, c.history) for c in cases]
     order = sorted(range(len(cases)), key=lambda i: (len(prompts[i]), i))
-    ranks = {(lam, m): [None] * len(cases) for lam in lambdas for m in (False, True)}
+    grid = [(s, lam) for s in scorings for lam in lambdas]
+    ranks = {(s, lam, m): [None] * len(cases) for s, lam in grid for m in (False, True)}
     batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
     for idx in tqdm(batches, desc="validation", unit="batch"):
         batch = ranker.encode([prompts[i] for i in idx])
-        for lam in lambdas:
-            ranker.prior = priors[lam]
+        for s, lam in grid:
+            rankers[s].prior = priors[lam]
             for masked in (False, True):
                 excluded = [cases[i].seen for i in idx] if masked else None
-                for i, ranked in zip(idx, ranker.search(batch, excluded)):
-                    ranks[(lam, masked)][i] = rank_of(cases[i].target, [item for item, _ in ranked])
+                for i, ranked in zip(idx, rankers[s].search(batch, excluded)):
+                    ranks[(s, lam, masked)][i] = rank_of(cases[i].target, [item for item, _ in ranked])
     groups = popularity_groups(counts, [c.target for c in cases])
-    base = {m: ndcg10(ranks[(0.0, m)]) for m in (False, True)}
+
+    def paired_p(a, b) -> float:
+        return float(stats.wilcoxon(a, b).pvalue) if np.any(a != b) else 1.0
+
+    nd = {key: ndcg10(r) for key, r in ranks.items()}
     rows = []
-    for lam in lambdas:
-        row = {"lambda": lam}
+    for s, lam in grid:
+        row = {"scoring": s, "lambda": lam}
         for masked in (False, True):
             key = "valid_masked" if masked else "valid"
-            row[key] = metric_table(ranks[(lam, masked)], cfg.ks)
-            nd = ndcg10(ranks[(lam, masked)])
-            row[key + "_vs_lambda0_wilcoxon_p"] = (float(stats.wilcoxon(nd, base[masked]).pvalue)
-                                                  if np.any(nd != base[masked]) else 1.0)
+            row[key] = metric_table(ranks[(s, lam, masked)], cfg.ks)
+            row[key + "_vs_lambda0_wilcoxon_p"] = paired_p(nd[(s, lam, masked)], nd[(s, 0.0, masked)])
+            if s != cfg.scoring:   # against the workspace's scoring at the same lambda
+                row[key + f"_vs_{cfg.scoring}_wilcoxon_p"] = paired_p(nd[(s, lam, masked)],
+                                                                      nd[(cfg.scoring, lam, masked)])
             if not masked:
                 row["valid_NDCG@10_by_target_popularity"] = {
-                    name: round(float(nd[groups == g].mean()), 4) for g, name in enumerate(("tail", "middle", "head"))}
+                    name: round(float(nd[(s, lam, masked)][groups == g].mean()), 4)
+                    for g, name in enumerate(("tail", "middle", "head"))}
         rows.append(row)
-        print(f"lambda {lam:5.2f}  valid NDCG@10 {row['valid']['NDCG@10']:.4f}  HR@10 {row['valid']['HR@10']:.4f}  "
+        print(f"{s:5s} lambda {lam:5.2f}  valid NDCG@10 {row['valid']['NDCG@10']:.4f}  HR@10 {row['valid']['HR@10']:.4f}  "
               f"masked NDCG@10 {row['valid_masked']['NDCG@10']:.4f}  p {row['valid_vs_lambda0_wilcoxon_p']:.3g}  "
               f"tail/middle/head {row['valid_NDCG@10_by_target_popularity']}")
-    best = max(rows, key=lambda r: (r["valid"]["NDCG@10"], -r["lambda"]))  # ties: the weaker prior
-    result = {"workspace": root.resolve().name, "split": "valid", "users": len(cases), "beams": cfg.beams, "scoring": cfg.scoring,
-              "selection": "best unmasked validation NDCG@10 (ties: smaller lambda)",
-              "chosen_lambda": best["lambda"], "rows": rows}
-    print(f"chosen on validation: eval.popularity_prior = {best['lambda']}")
+    # ties: the workspace's scoring, then the weaker prior
+    best = max(rows, key=lambda r: (r["valid"]["NDCG@10"], r["scoring"] == cfg.scoring, -r["lambda"]))
+    result = {"workspace": root.resolve().name, "split": "valid", "users": len(cases), "beams": cfg.beams,
+              "scoring": cfg.scoring, "scorings": scorings,
+              "selection": "best unmasked validation NDCG@10 (ties: the workspace's scoring, then smaller lambda)",
+              "chosen_lambda": best["lambda"], "chosen_scoring": best["scoring"], "rows": rows}
+    print(f"chosen on validation: eval.popularity_prior = {best['lambda']}, eval.scoring = {best['scoring']}")
     write_json(args.out, result)
     return result
 

@@ -77,6 +77,26 @@ def exhaustive(model, tok, prompt, table, exclude=(), allowed_ids=None):
     return sorted(zip(items, scores), key=lambda p: -p[1])
 
 
+@torch.no_grad()
+def exhaustive_trie(model, tok, prompt, table, exclude=()):
+    """Every item the user may get, scored as `scoring="trie"` defines it: at each step the
+    log-softmax over only the continuations some non-excluded item's SID + EOS takes there."""
+    items = [int(i) for i in table["item_id"] if int(i) not in exclude]
+    sids = dict(zip(table["item_id"].astype(int), table["sid"]))
+    resps = {i: encode_response(tok, sids[i]) for i in items}
+    scores = []
+    for i in items:
+        r = resps[i]
+        logits = model(input_ids=torch.tensor([prompt + r])).logits[0].float()
+        total = 0.0
+        for t, tok_id in enumerate(r):
+            allowed = sorted({o[t] for o in resps.values() if len(o) > t and o[:t] == r[:t]})
+            logp = torch.log_softmax(logits[len(prompt) - 1 + t, allowed], -1)
+            total += float(logp[allowed.index(tok_id)])
+        scores.append((i, total))
+    return sorted(scores, key=lambda p: -p[1])
+
+
 HISTORIES = [[0, 4, 9], [3, 1], [13, 12, 11, 10, 2, 5]]
 
 
@@ -99,6 +119,27 @@ def test_exhaustive_beam_width_equals_exhaustive_scoring(setup, scoring):
         want_masked = [p for p in want if p[0] not in hist]
         assert [i for i, _ in got_masked] == [i for i, _ in want_masked]
         assert [s for _, s in got_masked] == pytest.approx([s for _, s in want_masked], abs=1e-4)
+
+
+def test_trie_scoring_renormalises_over_the_allowed_continuations(setup):
+    """`scoring="trie"` at an exhaustive beam width: every item scored by the log-softmax over
+    the continuations the user's trie allows at each step, masked (history items excluded,
+    so their siblings take their mass) and unmasked."""
+    model, tok, table, tables = setup
+    ranker = Ranker(model, tok, tables, beams=20, scoring="trie")
+    prompts = prompts_for(tok, table, HISTORIES)
+    batch = ranker.encode(prompts)
+    plain, masked = ranker.search(batch), ranker.search(batch, HISTORIES)
+    full = Ranker(model, tok, tables, beams=20, scoring="full").search(batch, HISTORIES)
+    for prompt, hist, got, got_masked, got_full in zip(prompts, HISTORIES, plain, masked, full):
+        want = exhaustive_trie(model, tok, prompt, table)
+        assert [i for i, _ in got] == [i for i, _ in want]
+        assert [s for _, s in got] == pytest.approx([s for _, s in want], abs=1e-4)
+        want_masked = exhaustive_trie(model, tok, prompt, table, exclude=hist)
+        assert [i for i, _ in got_masked] == [i for i, _ in want_masked]
+        assert [s for _, s in got_masked] == pytest.approx([s for _, s in want_masked], abs=1e-4)
+        assert math.log(sum(math.exp(s) for _, s in got_masked)) == pytest.approx(0.0, abs=1e-4)  # a distribution
+        assert sum(math.exp(s) for _, s in got_full) < 0.99   # full scoring loses the excluded and invalid mass
 
 
 @pytest.mark.parametrize("strength", [0.5, 3.0])

@@ -34,7 +34,12 @@ terms telescope to lambda * log w(item). `scoring="full"` normalises every step 
 (the model's exact likelihood, paper eq. 9); `scoring="sid"` normalises over the tokens that
 occur in some item SID plus EOS (the candidates constrained decoding can pick; training's
 `loss.sid_softmax: sid` normalises over all SID rows plus EOS, a superset), so the LM head is
-computed for ~1k rows instead of ~49k.
+computed for ~1k rows instead of ~49k. `scoring="trie"` normalises every step over the
+continuations the trie allows at that node for that user (its open children, and EOS where
+the node ends an item the user may get): a locally normalised score, where the mass the
+model puts on an excluded (history) item or an invalid token goes to the siblings instead of
+being lost. It is not the model's likelihood; it ranks otherwise only through that
+redistribution.
 
 The search. Every prompt starts with one live beam at the root. At depth d each live beam is
 extended by every allowed token of depth d: the extensions with EOS are finished items and
@@ -61,7 +66,7 @@ from .errors import TTDSError
 from .tokens import split_sid
 from .vocab import encode_prompt, encode_response
 
-SCORINGS = ("full", "sid")
+SCORINGS = ("full", "sid", "trie")
 _NEG = float("-inf")
 # 64M int32 entries (256 MB) at most per dense depth table; a larger depth uses sorted keys
 DENSE_LIMIT = 1 << 26
@@ -420,7 +425,7 @@ class Ranker:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         head = self.hf.get_output_embeddings()
         # positions of each depth's columns (and EOS) in the scored logits
-        if scoring == "sid":
+        if scoring in ("sid", "trie"):  # "trie" renormalises over a subset of these rows
             ids = torch.as_tensor(tables.tokens, dtype=torch.long, device=self.device)
             self._head_w = head.weight.detach()[ids]
             bias = getattr(head, "bias", None)
@@ -438,7 +443,7 @@ class Ranker:
 
     def _log_probs(self, hidden: torch.Tensor, d: int) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Log-probabilities of depth d's columns [..., width_d] (None at the last depth) and of EOS [...]."""
-        if self.scoring == "sid":
+        if self.scoring in ("sid", "trie"):
             logits = torch.nn.functional.linear(hidden, self._head_w, self._head_b).float()
         else:
             logits = self._head(hidden).float()
@@ -511,27 +516,32 @@ class Ranker:
             cols_lp, eos_lp = self._log_probs(hidden, d)
             if d == 0:  # the root's one state serves every beam slot
                 cols_lp = cols_lp.expand(B, K, -1)
-            else:  # finished: beams at a node that ends an item, closed by EOS
+            else:  # beams at a node that ends an item may close it with EOS
                 item = tab.item_end[d][node]
-                ok = item >= 0
+                ends = item >= 0
                 if blocked is not None:
-                    ok &= ~blocked.ends[d][batch_idx, node]
+                    ends &= ~blocked.ends[d][batch_idx, node]
+            if d < tab.depth:
+                if constrained:
+                    child = tab.child(d, node)                                       # [B, K, W]
+                    ok = child >= 0
+                    if blocked is not None:
+                        ok &= ~blocked.closed[d + 1][batch_idx[..., None], child.clamp(min=0)]
+                else:
+                    width = tab.cols[d].numel()
+                    child = torch.zeros((B, K, width), dtype=torch.long, device=dev)
+                    ok = torch.ones((B, K, width), dtype=torch.bool, device=dev)
+            if self.scoring == "trie":
+                cols_lp, eos_lp = _renormalise(cols_lp, ok if d < tab.depth else None,
+                                               eos_lp, ends if d > 0 else None)
+            if d > 0:  # finished: the closing EOS
                 close = score + eos_lp
                 if prior is not None:  # lambda * (log w(item) - log W(node))
                     close = close + prior.item[item.clamp(min=0)] - prior.node[d][node]
-                fin = torch.where(ok, close, _NEG)
-                pool_item, pool_score = _merge_pool(pool_item, pool_score, torch.where(ok, item, -1), fin, K)
+                fin = torch.where(ends, close, _NEG)
+                pool_item, pool_score = _merge_pool(pool_item, pool_score, torch.where(ends, item, -1), fin, K)
             if d == tab.depth:
                 break
-            if constrained:
-                child = tab.child(d, node)                                           # [B, K, W]
-                ok = child >= 0
-                if blocked is not None:
-                    ok &= ~blocked.closed[d + 1][batch_idx[..., None], child.clamp(min=0)]
-            else:
-                width = tab.cols[d].numel()
-                child = torch.zeros((B, K, width), dtype=torch.long, device=dev)
-                ok = torch.ones((B, K, width), dtype=torch.bool, device=dev)
             step = score[..., None] + cols_lp
             if prior is not None:  # lambda * (log W(child) - log W(node))
                 step = step + prior.node[d + 1][child.clamp(min=0)] - prior.node[d][node][..., None]
@@ -547,6 +557,21 @@ class Ranker:
             hidden = self._step(tokens, (batch.positions[:, None] + d).expand(B, K), batch.prefix, cache)
         items, scores = pool_item.tolist(), pool_score.tolist()   # the one host transfer
         return [[(i, s) for i, s in zip(it, sc) if i >= 0 and s > _NEG] for it, sc in zip(items, scores)]
+
+
+def _renormalise(cols_lp: torch.Tensor, cols_ok: torch.Tensor | None, eos_lp: torch.Tensor,
+                 eos_ok: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities renormalised over the allowed continuations of each beam: the
+    columns where `cols_ok` and EOS where `eos_ok` (None: that kind is not allowed at all).
+    A beam with nothing allowed keeps its values (it is never extended)."""
+    parts = []
+    if cols_ok is not None:
+        parts.append(torch.where(cols_ok, cols_lp, _NEG))
+    if eos_ok is not None:
+        parts.append(torch.where(eos_ok, eos_lp, _NEG)[..., None])
+    lse = torch.logsumexp(torch.cat(parts, dim=-1), dim=-1)
+    lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    return (None if cols_lp is None else cols_lp - lse[..., None]), eos_lp - lse
 
 
 def _merge_pool(items: torch.Tensor, scores: torch.Tensor, new_items: torch.Tensor, new_scores: torch.Tensor,
