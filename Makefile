@@ -39,6 +39,6 @@ test: install
 	$(PY) -m pytest
 
 benchmark: install
-	-dvc exp remove benchmark 2>/dev/null  # a previous benchmark experiment of this commit
+	@dvc exp remove benchmark >/dev/null 2>&1 || true  # a previous benchmark experiment of this commit
 	dvc exp run -n benchmark $(BENCHMARK) $(ARGS)
 	$(PY) -m bench.benchmark_report
