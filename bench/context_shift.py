@@ -48,6 +48,14 @@ def ndcg_hr(ranks: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
     return np.where(r <= k, 1.0 / np.log2(r + 1.0), 0.0), (r <= k).astype(float)
 
 
+def paired_wilcoxon_p(a: np.ndarray, b: np.ndarray) -> float:
+    """Wilcoxon signed-rank p of two per-user score arrays; 1.0 where they are identical
+    (scipy refuses an all-zero difference)."""
+    from scipy import stats
+
+    return float(stats.wilcoxon(a, b).pvalue) if np.any(a != b) else 1.0
+
+
 def ttds_ranks(root: Path, params: dict, sequences: pd.DataFrame) -> dict[str, np.ndarray]:
     from ttds_core.evaluate import eval_settings
     from ttds_core.ranker import PromptBuilder, ranker_for
@@ -104,7 +112,6 @@ def baseline_ranks(name: str, params: dict, processed: Path, users: np.ndarray) 
 
 
 def main(argv=None) -> dict:
-    from scipy import stats
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", default=".", help="the workspace holding the trained TTDS")
@@ -128,8 +135,7 @@ def main(argv=None) -> dict:
             nd, hr = ndcg_hr(ranks[which])
             row[which] = {"NDCG@10": round(float(nd.mean()), 4), "HR@10": round(float(hr.mean()), 4)}
         a, b = ndcg_hr(ranks["test_skip"])[0], ndcg_hr(ranks["test"])[0]
-        row["test_skip_vs_test_wilcoxon_p"] = (float(stats.wilcoxon(a, b).pvalue)
-                                               if np.any(a != b) else 1.0)
+        row["test_skip_vs_test_wilcoxon_p"] = paired_wilcoxon_p(a, b)
         results["models"][model] = row
         print(model, {w: row[w]["NDCG@10"] for w in SETS}, "p(test_skip vs test) =",
               f"{row['test_skip_vs_test_wilcoxon_p']:.3g}")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.context_shift import ndcg_hr
+from bench.context_shift import ndcg_hr, paired_wilcoxon_p
 from ttds_core.cases import eval_cases, item_counts, item_span, select_users
 from ttds_core.config import load_params, seed_everything
 from ttds_core.io import read_parquet, write_json
@@ -46,7 +46,6 @@ def popularity_groups(counts: np.ndarray, targets: list[int]) -> np.ndarray:
 
 
 def main(argv=None) -> dict:
-    from scipy import stats
     from tqdm.auto import tqdm
 
     from ttds_core.evaluate import eval_settings
@@ -100,9 +99,6 @@ def main(argv=None) -> dict:
                     ranks[(s, lam, masked)][i] = rank_of(cases[i].target, [item for item, _ in ranked])
     groups = popularity_groups(counts, [c.target for c in cases])
 
-    def paired_p(a, b) -> float:
-        return float(stats.wilcoxon(a, b).pvalue) if np.any(a != b) else 1.0
-
     nd = {key: ndcg10(r) for key, r in ranks.items()}
     rows = []
     for s, lam in grid:
@@ -110,9 +106,9 @@ def main(argv=None) -> dict:
         for masked in (False, True):
             key = "valid_masked" if masked else "valid"
             row[key] = metric_table(ranks[(s, lam, masked)], cfg.ks)
-            row[key + "_vs_lambda0_wilcoxon_p"] = paired_p(nd[(s, lam, masked)], nd[(s, 0.0, masked)])
+            row[key + "_vs_lambda0_wilcoxon_p"] = paired_wilcoxon_p(nd[(s, lam, masked)], nd[(s, 0.0, masked)])
             if s != cfg.scoring:   # against the workspace's scoring at the same lambda
-                row[key + f"_vs_{cfg.scoring}_wilcoxon_p"] = paired_p(nd[(s, lam, masked)],
+                row[key + f"_vs_{cfg.scoring}_wilcoxon_p"] = paired_wilcoxon_p(nd[(s, lam, masked)],
                                                                       nd[(cfg.scoring, lam, masked)])
             if not masked:
                 row["valid_NDCG@10_by_target_popularity"] = {

@@ -38,7 +38,7 @@ import pandas as pd
 from ttds_core.config import load_params
 from ttds_core.io import read_parquet, write_json
 
-from bench.context_shift import case_ranks, ndcg_hr
+from bench.context_shift import case_ranks, ndcg_hr, paired_wilcoxon_p
 
 
 def profile_texts(inter: pd.DataFrame, titles: np.ndarray, params: dict, which: str) -> list[str]:
@@ -57,7 +57,6 @@ def profile_texts(inter: pd.DataFrame, titles: np.ndarray, params: dict, which: 
 
 def main(argv=None) -> dict:
     import torch
-    from scipy import stats
 
     from ttds_core.config import seed_everything
     from ttds_core.evaluate import eval_settings
@@ -105,7 +104,7 @@ def main(argv=None) -> dict:
 
     def compare(split: str, base: str, other: str) -> dict:
         a, b = ndcg_hr(ranks(split, tables[base])), ndcg_hr(ranks(split, tables[other]))
-        p = float(stats.wilcoxon(a[0], b[0]).pvalue) if np.any(a[0] != b[0]) else 1.0
+        p = paired_wilcoxon_p(a[0], b[0])
         row = {f"{base} NDCG@10": round(float(a[0].mean()), 4), f"{other} NDCG@10": round(float(b[0].mean()), 4),
                f"{base} HR@10": round(float(a[1].mean()), 4), f"{other} HR@10": round(float(b[1].mean()), 4),
                "wilcoxon_p": p}
