@@ -2,10 +2,12 @@
 training purchases whose SIDs share their first m codes, against the same pairs with the
 later item shuffled (chance).
 
-    python -m bench.code_sharing --root <workspace> [--out FILE]
+    python -m bench.code_sharing --root <workspace> [--table data/sids/items.parquet] [--out FILE]
 
-Reads `data/sids/items.parquet` and `data/processed/sequences.parquet` of a workspace; only
-training transitions (`items[:-2]` of each user) are counted. docs/benchmark.md and
+Reads the item SID table `--table` (default: the index as `build_sids` made it; a dynamic
+index's table at the end of training is `data/model/item_sids.parquet`) and
+`data/processed/sequences.parquet` of a workspace; only training transitions (`items[:-2]` of
+each user) are counted. docs/benchmark.md and
 docs/method.md ("Collaborative mix") quote it for the text-only and the collaborative index.
 """
 
@@ -38,13 +40,14 @@ def sharing(codes: np.ndarray, pairs: np.ndarray, seed: int = 0) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", required=True, help="a workspace that ran build_sids")
+    ap.add_argument("--table", default="data/sids/items.parquet", help="the item SID table, inside the workspace")
     ap.add_argument("--out", help="write the result as JSON here")
     args = ap.parse_args()
     root = Path(args.root)
-    codes = table_codes(read_parquet(root / "data" / "sids" / "items.parquet", ["item_id", "codes"]), "item_id")
+    codes = table_codes(read_parquet(root / args.table, ["item_id", "codes"]), "item_id")
     sequences = read_parquet(root / "data" / "processed" / "sequences.parquet", ["user_id", "items"])
     pairs = transition_pairs(list(sequences["items"]))
-    result = {"pairs": int(len(pairs)), "items": int(len(codes)), "prefix": sharing(codes, pairs)}
+    result = {"table": args.table, "pairs": int(len(pairs)), "items": int(len(codes)), "prefix": sharing(codes, pairs)}
     print(json.dumps(result))
     if args.out:
         write_json(args.out, result)

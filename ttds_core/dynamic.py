@@ -358,7 +358,6 @@ def refresh_tower(model, tokenizer, quantizer, texts: list[str], old: pd.DataFra
     and churn is 0 for that refresh.
     """
     from .embedding import embed_texts
-    from .sids import churn
 
     was_training = model.training
     model.eval()
@@ -367,6 +366,17 @@ def refresh_tower(model, tokenizer, quantizer, texts: list[str], old: pd.DataFra
         x = transform(x)
     if was_training:
         model.train()
+    table, record = requantize(quantizer, x, old, lay, margin)
+    return x, table, record
+
+
+def requantize(quantizer, x: np.ndarray, old: pd.DataFrame, lay: TowerLayout, margin: float = 0.0
+               ) -> tuple[pd.DataFrame, dict]:
+    """The second half of a refresh: the new SID table of the vectors `x` (re-standardised,
+    quantized with hysteresis against `old`, collisions re-resolved) and its churn record
+    (`refresh_tower`)."""
+    from .sids import churn
+
     # LoRA shifts the mean and scale of the pooled states as a whole; re-standardising
     # keeps the quantizer at the operating point it was trained at, so codes move only
     # where the relative geometry of the entities moved (a fixed warm-up normalisation
@@ -379,9 +389,9 @@ def refresh_tower(model, tokenizer, quantizer, texts: list[str], old: pd.DataFra
     if int(table["suffix"].max()) >= lay.max_suffix:
         log.warning("refresh: %s collision set of %d exceeds index.max_suffix=%d; SIDs kept",
                     lay.tower, int(table["suffix"].max()) + 1, lay.max_suffix)
-        return x, old, {"churn": 0.0, **{f"churn_level_{m + 1}": 0.0 for m in range(lay.length)}}
+        return old, {"churn": 0.0, **{f"churn_level_{m + 1}": 0.0 for m in range(lay.length)}}
     record = {"churn": float(churn(old, table))}
     for m in range(lay.length):
         record[f"churn_level_{m + 1}"] = float((previous[:, :m + 1] != codes[:, :m + 1]).any(1).mean())
-    return x, table, record
+    return table, record
 
