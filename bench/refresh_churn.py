@@ -1,7 +1,7 @@
 """Where a dynamic-index refresh's churn comes from, measured on a trained workspace.
 
     python -m bench.refresh_churn --root <workspace> [--margins 0 0.2 0.5 0.8]
-                                  [--out docs/bench/refresh_churn.json]
+                                  [--out docs/bench/refresh_churn/churn.json]
 
 A refresh (`index.dynamic`, ttds_core/model.py `refresh_index`) re-embeds every item text
 with the current LLM, mixes in the training neighbours (`index.cf_mix`), re-standardises,
@@ -58,12 +58,6 @@ def main(argv=None) -> dict:
                       get(params, "index.max_suffix", int))
     embed_kwargs = {"batch_size": get(params, "embed.batch_size", int, 32, min_value=1),
                     "max_tokens": get(params, "model.max_text_tokens", int, 64, min_value=1), "progress": False}
-    pairs = collaborative.read_training_pairs(root / "data" / "processed")
-    gamma = collaborative.cf_mix(params)
-
-    def vectors(x: np.ndarray) -> np.ndarray:   # what a refresh quantizes
-        return collaborative.mix(x, pairs, gamma) if gamma > 0 else x
-
     texts = items["text"].tolist()
     base_model, tokenizer = load_backbone(params, device="cpu", backbone_dir=root / "data" / "backbone")
     raw = {"base": embed_texts(base_model, tokenizer, texts, **embed_kwargs)}
@@ -71,7 +65,8 @@ def main(argv=None) -> dict:
     rec = load_recommender(params, model_dir=root / "data" / "model", backbone_dir=root / "data" / "backbone",
                            device="cpu")
     raw["adapted"] = embed_texts(rec.model, rec.tokenizer, texts, **embed_kwargs)
-    x = {source: vectors(r) for source, r in raw.items()}
+    # what a refresh quantizes: the re-embedded vectors with the index's collaborative mix
+    x = {source: collaborative.item_vectors(params, r, root / "data" / "processed") for source, r in raw.items()}
     stored = read_npy(root / "data" / "embeddings" / "items.npy").astype(np.float32)
     quantizers = {"warmup": load_quantizer(root / "data" / "quantizer" / "item.safetensors",
                                            in_dim=stored.shape[1])[0]}
