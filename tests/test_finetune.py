@@ -298,6 +298,19 @@ def test_dynamic_index_tokenizer_trains_and_sids_are_refreshed(project, packing)
     assert [c["step"] for c in out["churn"]] == [4] and {"churn_item", "churn_user"} <= set(out["churn"][0])
 
 
+def test_a_refresh_from_the_backbone_vectors_re_embeds_nothing(project, monkeypatch):
+    from ttds_core import embedding
+
+    def no_embedding(*args, **kwargs):
+        raise AssertionError("index.refresh_embeddings: backbone must not re-embed the texts")
+
+    monkeypatch.setattr(embedding, "embed_texts", no_embedding)
+    out = finetune.run(_dynamic_params(**{"index.refresh_embeddings": "backbone", "index.refresh_margin": 0.0}))
+    assert [c["step"] for c in out["churn"]] == [4] and {"churn_item", "churn_user"} <= set(out["churn"][0])
+    with pytest.raises(AssertionError, match="must not re-embed"):  # the paper's refresh does re-embed
+        finetune.run(_dynamic_params())
+
+
 def test_ts_align_task_trains_when_switched_on(project):
     finetune.run(_dynamic_params(**{"tasks.ts_align": True, "tasks.weights.ts_align": 0.5, "train.val_users": 2}))
     summary = json.loads(Path("metrics/finetune.json").read_text())

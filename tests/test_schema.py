@@ -143,13 +143,14 @@ def test_every_key_the_code_reads_is_in_the_schema():
 
 
 def test_the_schema_names_agree_with_the_modules():
-    from ttds_core import (backbone, baselines, data_source, prompts, quantize, ranker, tasks, tokens, train_config,
-                           user_profile)
+    from ttds_core import (backbone, baselines, data_source, dynamic, prompts, quantize, ranker, tasks, tokens,
+                           train_config, user_profile)
 
     assert schema.FORMATS == data_source.FORMATS and schema.SAMPLERS == data_source.SAMPLERS
     assert schema.INDEX_KINDS == quantize.KINDS and schema.TASKS == tasks.TASKS
     assert schema.SEQREC_FORMATS == prompts.SEQREC_FORMATS and schema.SCORINGS == ranker.SCORINGS
     assert schema.SID_SOFTMAX == train_config.SID_SOFTMAX and schema.USER_PROFILES == user_profile.PROFILES
+    assert schema.REFRESH_EMBEDDINGS == dynamic.REFRESH_EMBEDDINGS
     assert schema.DTYPES == ("auto", *backbone.DTYPES)
     assert schema.MAX_INDEX_LENGTH == len(tokens._LETTERS)
     assert schema.BASELINE_MODELS == tuple(baselines.MODELS)

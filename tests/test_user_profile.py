@@ -175,3 +175,22 @@ def test_training_profile_and_no_user_tower_keep_the_models_table(rec):  # noqa:
     params["eval"]["user_profile"] = "stale"
     with pytest.raises(TTDSError, match="eval.user_profile"):
         ev.eval_settings(params)
+
+
+@pytest.mark.parametrize("is_dynamic, refresh_embeddings, expected", [
+    (False, "llm", "backbone"), (True, "llm", "trained LLM"), (True, "backbone", "backbone")])
+def test_the_profile_embeds_with_what_the_refreshes_embedded_with(monkeypatch, is_dynamic, refresh_embeddings,
+                                                                   expected):
+    from types import SimpleNamespace
+
+    from ttds_core import backbone, recommender
+
+    monkeypatch.setattr(recommender, "load_final_quantizers", lambda model_dir: {"user": "quantizer"})
+    monkeypatch.setattr(backbone, "load_backbone", lambda params, device, backbone_dir: ("backbone", "tokenizer"))
+    seen = []
+    monkeypatch.setattr(up, "fresh_user_sids", lambda texts, own, quantizer, embedder, tokenizer, params, purpose:
+                        seen.append(embedder))
+    params = {"index": {"dynamic": is_dynamic, "refresh_embeddings": refresh_embeddings, "max_suffix": 8}}
+    rec = SimpleNamespace(model="trained LLM", tokenizer="tokenizer", user_sids=None, device="cpu")
+    up.user_sids_of(["a user text"], params, rec, "model", "backbone")
+    assert seen == [expected]

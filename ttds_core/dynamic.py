@@ -23,6 +23,9 @@ quantisation loss (eq. 13) on X^I.
 Refresh. Every `index.refresh_samples` training rows (dynamic index only) all item / user texts are
 re-embedded by the *current* LLM (LoRA active), re-quantised by the current quantizers,
 collisions re-resolved; churn (share of entities whose SID changed) is reported.
+`index.refresh_embeddings: backbone` skips the re-embedding: a refresh re-quantises the embed
+stage's vectors, so only the jointly trained quantizers move codes (the LLM's adapted text states
+drift from the base ones and made a worse index on the benchmark: docs/benchmark.md).
 """
 
 from __future__ import annotations
@@ -37,6 +40,10 @@ from torch import nn
 
 from .errors import TTDSError
 from .tokens import tower_vocabulary
+
+# What a refresh quantizes (`index.refresh_embeddings`): every text re-embedded by the current
+# LLM (the paper), or the embed stage's vectors of the backbone without LoRA.
+REFRESH_EMBEDDINGS = ("llm", "backbone")
 
 log = logging.getLogger(__name__)
 

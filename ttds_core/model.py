@@ -398,27 +398,34 @@ def refresh_due(step: int, samples_per_step: int, every: int) -> bool:
 
 def refresh_index(module: TTDSModule, tokenizer, index: IndexState, texts: dict, params: dict, step: int,
                   device, token_ids: dict | None = None) -> dict:
-    """Re-derive every tower's SIDs with the current LLM and quantizers (dynamic index).
+    """Re-derive every tower's SIDs with the current LLM and quantizers (dynamic index), or, with
+    `index.refresh_embeddings: backbone`, with the current quantizers from the vectors the index
+    was built from (`index.x`, never replaced then).
     `token_ids`: a per-tower cache of the tokenised texts, filled at the first refresh."""
     from .embedding import tokenize_texts
 
     max_tokens = get(params, "model.max_text_tokens", int, 64, min_value=1)
     embed_kwargs = {"batch_size": get(params, "embed.batch_size", int, 32, min_value=1),
                     "max_tokens": max_tokens, "device": device, "progress": False}
+    margin = get(params, "index.refresh_margin", float, 0.2, min_value=0.0)
+    re_embed = get(params, "index.refresh_embeddings", str, "llm", choices=dynamic.REFRESH_EMBEDDINGS) == "llm"
     token_ids = {} if token_ids is None else token_ids
     gamma = collaborative.cf_mix(params)
     record = {"step": step}
     for lay in module.sid.layouts:
-        if lay.tower not in token_ids:
-            token_ids[lay.tower] = tokenize_texts(tokenizer, texts[lay.tower], max_tokens, lay.tower)
-        transform = None
-        if lay.tower == "item" and gamma > 0:  # the same collaborative mix the index was built with
-            transform = lambda v: collaborative.mix(v, index.item_pairs, gamma)  # noqa: E731
-        x, table, ch = dynamic.refresh_tower(module.lm, tokenizer, module.sid.quantizers[lay.tower],
-                                             texts[lay.tower], index.tables[lay.tower], lay,
-                                             {**embed_kwargs, "token_ids": token_ids[lay.tower]},
-                                             margin=get(params, "index.refresh_margin", float, 0.2,
-                                                        min_value=0.0), transform=transform)
+        quantizer, old = module.sid.quantizers[lay.tower], index.tables[lay.tower]
+        if re_embed:
+            if lay.tower not in token_ids:
+                token_ids[lay.tower] = tokenize_texts(tokenizer, texts[lay.tower], max_tokens, lay.tower)
+            transform = None
+            if lay.tower == "item" and gamma > 0:  # the same collaborative mix the index was built with
+                transform = lambda v: collaborative.mix(v, index.item_pairs, gamma)  # noqa: E731
+            x, table, ch = dynamic.refresh_tower(module.lm, tokenizer, quantizer, texts[lay.tower], old, lay,
+                                                 {**embed_kwargs, "token_ids": token_ids[lay.tower]},
+                                                 margin=margin, transform=transform)
+        else:  # the vectors the index was built from (collaborative mix included), kept as they are
+            x = index.x[lay.tower]
+            table, ch = dynamic.requantize(quantizer, x, old, lay, margin)
         index.x[lay.tower], index.tables[lay.tower] = x, table
         # churn -> churn_item, churn_level_2 -> churn_item_level_2
         record.update({f"churn_{lay.tower}{k[len('churn'):]}": v for k, v in ch.items()})

@@ -31,6 +31,7 @@ SEQREC_FORMATS = ("prefix", "packed")
 SID_SOFTMAX = ("vocab", "sid")
 SCORINGS = ("full", "sid", "trie")
 USER_PROFILES = ("fresh", "training")
+REFRESH_EMBEDDINGS = ("llm", "backbone")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 INITS = ("random", "semantic")
 BASELINE_MODELS = ("mostpop", "markov", "sasrec", "gru4rec", "bert4rec", "fmlprec")
@@ -100,6 +101,7 @@ SCHEMA: dict[str, Param] = {
     "index.dynamic": Param(bool),
     "index.refresh_samples": Param(int, 1),
     "index.refresh_margin": Param(NUMBER, 0, 1, below=True),
+    "index.refresh_embeddings": Param(str, choices=REFRESH_EMBEDDINGS),
     "index.tie_embeddings": Param(bool),
     "index.cf_mix": Param(NUMBER, 0, 1),
     "warmup.epochs": Param(int, 0),

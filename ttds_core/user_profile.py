@@ -11,8 +11,9 @@ the model's own table was derived:
   `embed` stage embeds it, then coded by the model's quantizer (on the training-time text this
   reproduces the model's user table);
 - a dynamic index: what one more refresh would do with the new texts (`dynamic.refresh_tower`):
-  embedded by the trained LLM, the quantizer's normalisation re-fitted on them, and each
-  user's codes kept unless the new ones win by `index.refresh_margin` (hysteresis).
+  embedded by the trained LLM (by the backbone under `index.refresh_embeddings: backbone`, as
+  its refreshes do), the quantizer's normalisation re-fitted on them, and each user's codes kept
+  unless the new ones win by `index.refresh_margin` (hysteresis).
 
 Collisions are resolved among all users, as `build_sids` does (a collision set larger than
 `index.max_suffix` is an error for a static index, as in `build_sids`; a dynamic index keeps the
@@ -40,6 +41,7 @@ import numpy as np
 import pandas as pd
 
 from .config import get
+from .dynamic import REFRESH_EMBEDDINGS
 from .errors import TTDSError
 from .io import read_parquet
 from .user_text import UserTextRule, user_texts
@@ -60,6 +62,7 @@ class SidDerivation:
     max_text_tokens: int
     dynamic: bool
     refresh_margin: float
+    refresh_embeddings: str
     max_suffix: int
 
     @classmethod
@@ -68,6 +71,8 @@ class SidDerivation:
                    max_text_tokens=get(params, "model.max_text_tokens", int, 64, min_value=1),
                    dynamic=get(params, "index.dynamic", bool),
                    refresh_margin=get(params, "index.refresh_margin", float, 0.2, min_value=0.0),
+                   refresh_embeddings=get(params, "index.refresh_embeddings", str, "llm",
+                                          choices=REFRESH_EMBEDDINGS),
                    max_suffix=get(params, "index.max_suffix", int, min_value=0))
 
 
@@ -125,8 +130,8 @@ def serving_texts(processed_dir: str | Path, params: dict) -> list[str]:
 def fresh_user_sids(texts: list[str], own: pd.DataFrame, quantizer, embedder, tokenizer, params: dict, *,
                     purpose: str = "test time") -> pd.DataFrame:
     """The user SID table of `texts` (row i = user i), derived as the model's own table `own`
-    was (module docstring). `embedder`: the backbone for a static index, the trained LLM for a
-    dynamic one, as `index.dynamic` in `params` says (`user_sids_of` picks it). `purpose`
+    was (module docstring). `embedder`: the trained LLM for a dynamic index whose refreshes
+    re-embed (`index.refresh_embeddings: llm`), else the backbone (`user_sids_of` picks it). `purpose`
     ("test time", "serving") names the derivation in its messages."""
     from .dynamic import quantize_codes, table_codes
     from .embedding import embed_texts
@@ -164,8 +169,8 @@ def user_sids_of(texts: list[str], params: dict, rec, model_dir: str | Path,
                  backbone_dir: str | Path, purpose: str = "test time") -> pd.DataFrame:
     """The user SID table the trained model in `model_dir` (loaded as `rec`) gives `texts`
     (row i = user i), derived as its own table was (`fresh_user_sids`, whose messages name
-    `purpose`): the final user quantizer, and the backbone (static index) or the trained LLM
-    (dynamic index)."""
+    `purpose`): the final user quantizer, and the trained LLM (a dynamic index that re-embeds
+    at each refresh) or the backbone (a static index, or refreshes from the backbone's vectors)."""
     import torch
 
     from .backbone import load_backbone
@@ -175,7 +180,8 @@ def user_sids_of(texts: list[str], params: dict, rec, model_dir: str | Path,
     if "user" not in quantizers:
         raise TTDSError(f"{Path(model_dir) / 'quantizers.safetensors'}: no user quantizer "
                         "(the model has a user table; rerun finetune)")
-    if SidDerivation.from_params(params).dynamic:
+    settings = SidDerivation.from_params(params)
+    if settings.dynamic and settings.refresh_embeddings == "llm":
         # a refresh embeds with the training LLM (LoRA unmerged); the merged model is the same
         # function up to rounding
         return fresh_user_sids(texts, rec.user_sids, quantizers["user"], rec.model, rec.tokenizer, params,
