@@ -124,14 +124,15 @@ def train_counts(sequences):
     return pd.Series([int(i) for items in sequences["items"] for i in items[:-2]]).value_counts()
 
 
-def by_popularity(models: dict, counts, split: str = "test") -> dict:
-    """Test NDCG@10 (unmasked) per model on three equal-size groups of users, by how often
-    their target item occurs in training (`counts`): does a model win on the head or the tail?"""
+def by_popularity(models: dict, counts, split: str = "test", masked: bool = False) -> dict:
+    """Test NDCG@10 (unmasked, or with the history `masked`) per model on three equal-size groups
+    of users, by how often their target item occurs in training (`counts`): does a model win on
+    the head or the tail?"""
     import numpy as np
 
     out = {}
     for name, m in models.items():
-        users = per_user(m["ranks"], masked=False, split=split).sort_index()
+        users = per_user(m["ranks"], masked=masked, split=split).sort_index()
         gain = users["ndcg10"].to_numpy()
         pop = users["target"].map(counts).fillna(0).to_numpy()
         order = np.argsort(pop, kind="stable")
@@ -225,7 +226,8 @@ def ttds_epochs(models: dict) -> list[dict]:
 
 
 def markdown(subset: dict, rows: dict, tests: dict, popularity: dict, top1: dict | None,
-             epochs: list[dict] | None = None, masking: dict | None = None) -> str:
+             epochs: list[dict] | None = None, masking: dict | None = None,
+             popularity_masked: dict | None = None) -> str:
     lines = [f"Subset: {subset['users']:,} users, {subset['items']:,} items, {subset['interactions']:,} "
              f"interactions; every model ranks all {rows['TTDS']['users']:,} users over all items.", ""]
     for section, title in (("test", "Test, unmasked"), ("test_masked", "Test, history masked"),
@@ -247,12 +249,15 @@ def markdown(subset: dict, rows: dict, tests: dict, popularity: dict, top1: dict
             lines.append(f"| {other} | {key} | {t['users']} | {t['ndcg10_ours']:.4f} vs {t['ndcg10_theirs']:.4f} | "
                          f"{t['wilcoxon_p']:.2g} | {t['hit10_ours']:.4f} vs {t['hit10_theirs']:.4f} | "
                          f"{t['hits_only_ours']} / {t['hits_only_theirs']} | {t['mcnemar_p']:.2g} |")
-    lines += ["", "**Test NDCG@10 (unmasked) by target popularity** (users split in three equal groups by how "
-              "often their test item occurs in training; median count in brackets)", "",
-              "| model | tail | middle | head |", "|---|---|---|---|"]
-    for name, groups in popularity.items():
-        lines.append(f"| {name} | " + " | ".join(f"{g['NDCG@10']:.4f} ({g['target_train_count_median']:.0f})"
-                                               for g in groups.values()) + " |")
+    for how, by in (("unmasked", popularity), ("history masked", popularity_masked)):
+        if not by:
+            continue
+        lines += ["", f"**Test NDCG@10 ({how}) by target popularity** (users split in three equal groups by how "
+                  "often their test item occurs in training; median count in brackets)", "",
+                  "| model | tail | middle | head |", "|---|---|---|---|"]
+        for name, groups in by.items():
+            lines.append(f"| {name} | " + " | ".join(f"{g['NDCG@10']:.4f} ({g['target_train_count_median']:.0f})"
+                                                   for g in groups.values()) + " |")
     if masking:
         depth = next(iter(masking.values()))["depth"]
         lines += ["", "**What history masking changes (test)**: the share of users whose target ranks higher "
@@ -301,19 +306,21 @@ def main(argv=None) -> dict:
     tests = paired(models, against)
     sequences = read_parquet(root / "data" / "processed" / "sequences.parquet", ["user_id", "items"])
     counts = train_counts(sequences)
-    popularity = by_popularity(models, counts)
+    popularity, popularity_masked = by_popularity(models, counts), by_popularity(models, counts, masked=True)
     top1 = top1_popularity(root, sequences, counts)
     masking = masking_effect(models, depth=int(params["eval"]["beams"]))  # TTDS ranks no deeper
     result = {"subset": {k: subset.get(k) for k in ("users", "items", "interactions")},
               "params": {"data": params["data"], "train": params["train"], "eval": params["eval"]},
-              "models": rows, "paired_tests": tests, "by_target_popularity": popularity, "ttds_top1": top1,
+              "models": rows, "paired_tests": tests, "by_target_popularity": popularity,
+              "by_target_popularity_masked": popularity_masked, "ttds_top1": top1,
               "masking_effect": masking,
               "curves": {name: m["curve"] for name, m in models.items()}, "ttds_epochs": ttds_epochs(models)}
     write_json(out / "results.json", result)
     write_curves(models, out)
     write_parquet(out / "ttds_ranks.parquet", models["TTDS"]["ranks"])
     with atomic_path(out / "results.md", ".md") as tmp:
-        tmp.write_text(markdown(result["subset"], rows, tests, popularity, top1, result["ttds_epochs"], masking))
+        tmp.write_text(markdown(result["subset"], rows, tests, popularity, top1, result["ttds_epochs"], masking,
+                                popularity_masked))
     print((out / "results.md").read_text())
     return result
 

@@ -69,3 +69,16 @@ def test_masking_effect_refuses_ranks_of_other_users():
     frame = pd.DataFrame({"user_id": [0, 1], "split": "test", "target": [0, 1], "rank": [1, 1], "masked": [False, True]})
     with pytest.raises(TTDSError, match="same users"):
         benchmark_report.masking_effect({"SASRec": {"ranks": frame}})
+
+
+def test_popularity_groups_read_the_masked_ranks_when_asked():
+    # six users, targets 0..5 seen 0..5 times in training: two users per third
+    frame = pd.concat([pd.DataFrame({"user_id": range(6), "split": "test", "target": range(6),
+                                     "rank": rank, "masked": masked})
+                       for rank, masked in (([50, 50, 50, 50, 1, 1], False), ([1, 50, 50, 50, 1, 1], True))],
+                      ignore_index=True)
+    counts = pd.Series({item: item for item in range(6)})
+    plain = benchmark_report.by_popularity({"SASRec": {"ranks": frame}}, counts)["SASRec"]
+    masked = benchmark_report.by_popularity({"SASRec": {"ranks": frame}}, counts, masked=True)["SASRec"]
+    assert [g["NDCG@10"] for g in plain.values()] == [0.0, 0.0, 1.0]
+    assert [g["NDCG@10"] for g in masked.values()] == [0.5, 0.0, 1.0]
