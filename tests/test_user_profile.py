@@ -194,3 +194,11 @@ def test_the_profile_embeds_with_what_the_refreshes_embedded_with(monkeypatch, i
     rec = SimpleNamespace(model="trained LLM", tokenizer="tokenizer", user_sids=None, device="cpu")
     up.user_sids_of(["a user text"], params, rec, "model", "backbone")
     assert seen == [expected]
+
+
+def test_a_serving_cache_hit_path_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, ttds_core.serve; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -41,9 +41,11 @@ import numpy as np
 import pandas as pd
 
 from .config import get
-from .dynamic import REFRESH_EMBEDDINGS
 from .errors import TTDSError
 from .io import read_parquet
+# schema's copy of dynamic.REFRESH_EMBEDDINGS (a test keeps them equal): dynamic imports torch,
+# and a serving cache hit reads these settings without loading it
+from .schema import REFRESH_EMBEDDINGS
 from .user_text import UserTextRule, user_texts
 
 log = logging.getLogger(__name__)
