@@ -172,6 +172,42 @@ def test_popularity_prior_zero_is_no_prior_and_bad_weights_are_one_line(setup):
         tables.prior([1.0] * 14, -1.0)
 
 
+@pytest.mark.parametrize("beta", [0.7, 5.0])
+def test_copy_penalty_subtracts_beta_from_items_under_a_history_first_code(setup, beta):
+    """With an exhaustive beam the copy penalty ranks by log P(SID) - beta * [the item's first
+    code is that of a history item], with the popularity prior too, masked and unmasked."""
+    model, tok, table, tables = setup
+    weights = {i: float(1 + (5 * i) % 7) for i in table["item_id"].astype(int)}
+    ranker = Ranker(model, tok, tables, beams=20, prior=tables.prior(weights, 0.5), copy_penalty=beta)
+    prompts = prompts_for(tok, table, HISTORIES)
+    batch = ranker.encode(prompts)
+    plain, masked = ranker.search(batch, history=HISTORIES), ranker.search(batch, HISTORIES, history=HISTORIES)
+    for prompt, hist, got, got_masked in zip(prompts, HISTORIES, plain, masked):
+        firsts = {CODES[h][0] for h in hist}
+        want = sorted(((i, s + 0.5 * math.log(weights[i]) - beta * (CODES[i][0] in firsts))
+                       for i, s in exhaustive(model, tok, prompt, table)), key=lambda p: -p[1])
+        assert [i for i, _ in got] == [i for i, _ in want]
+        assert [s for _, s in got] == pytest.approx([s for _, s in want], abs=1e-4)
+        want_masked = [p for p in want if p[0] not in hist]
+        assert [i for i, _ in got_masked] == [i for i, _ in want_masked]
+        assert [s for _, s in got_masked] == pytest.approx([s for _, s in want_masked], abs=1e-4)
+    if beta == 5.0:   # strong enough to move an item of a copied first code below the others
+        assert ranked_items(plain) != ranked_items(Ranker(model, tok, tables, beams=20,
+                                                          prior=tables.prior(weights, 0.5)).search(batch))
+
+
+def test_copy_penalty_zero_is_the_model_and_bad_values_are_one_line(setup):
+    model, tok, table, tables = setup
+    batch = Ranker(model, tok, tables, beams=20).encode(prompts_for(tok, table, HISTORIES))
+    assert Ranker(model, tok, tables, beams=20, copy_penalty=0.0).search(batch, history=HISTORIES) == \
+        Ranker(model, tok, tables, beams=20).search(batch)
+    for bad in (-0.5, float("nan"), "x"):
+        with pytest.raises(TTDSError, match="'eval.copy_penalty' = .*expected a finite number >= 0"):
+            Ranker(model, tok, tables, beams=20, copy_penalty=bad)
+    with pytest.raises(ValueError, match="one history per prompt"):
+        Ranker(model, tok, tables, beams=20, copy_penalty=1.0).search(batch)
+
+
 def test_small_beam_returns_distinct_real_items_deterministically(setup):
     model, tok, table, tables = setup
     ranker = Ranker(model, tok, tables, beams=5)

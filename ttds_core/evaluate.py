@@ -18,6 +18,8 @@ output); both are always written. (Masking assumes no repeat consumption, true o
 n_i the item's number of training interactions (`items[:-2]`, as MostPop counts them: no
 validation or test target), spread over the trie so the beams are pruned with it
 (`ranker.py`, "Scores"). 0 (the default) is the model alone, as in the paper.
+`eval.copy_penalty` = beta > 0 subtracts beta from every item whose first code is that of an
+item in the prompt's history (`ranker.py`, "Scores"); 0 (the default) is the model alone.
 
 The user SID of the validation prompts is the model's own (its text holds everything before
 the validation target). The test prompts' user SID follows `eval.user_profile`: `fresh` (the
@@ -60,6 +62,7 @@ class EvalSettings:
     seed: int
     packed: bool = False      # tasks.seqrec_format: packed (the prompt format training used)
     popularity_prior: float = 0.0  # lambda of the popularity prior (0 = none)
+    copy_penalty: float = 0.0      # beta on first codes of the prompt's history (0 = none)
     user_profile: str = "fresh"    # the test prompts' user SID: fresh | training (user_profile.py)
 
 
@@ -79,6 +82,7 @@ def eval_settings(params: dict) -> EvalSettings:
         template=get(params, "train.template", int, min_value=0), seed=get(params, "seed", int),
         packed=seqrec_packed(params),
         popularity_prior=get(params, "eval.popularity_prior", float, 0.0, min_value=0.0),
+        copy_penalty=get(params, "eval.copy_penalty", float, 0.0, min_value=0.0),
         user_profile=get(params, "eval.user_profile", str, "fresh", choices=PROFILES))
 
 
@@ -132,7 +136,8 @@ def evaluate(rec, sequences: pd.DataFrame, cfg: EvalSettings, progress: bool = F
     users = select_users(sequences, cfg.max_users, cfg.seed)
     n_items = item_span(rec.item_sids["item_id"], sequences)
     ranker, tables = ranker_for(rec.model, rec.tokenizer, rec.item_sids, cfg.beams, cfg.scoring,
-                                popularity=item_counts(sequences, n_items) + 1.0, prior=cfg.popularity_prior)
+                                popularity=item_counts(sequences, n_items) + 1.0, prior=cfg.popularity_prior,
+                                copy_penalty=cfg.copy_penalty)
     unknown = next((i for items in users["items"] for i in items if int(i) not in tables), None)
     if unknown is not None:
         raise TTDSError(f"sequences.parquet: item {unknown} has no SID in the model's item table "
@@ -158,6 +163,7 @@ def evaluate(rec, sequences: pd.DataFrame, cfg: EvalSettings, progress: bool = F
         "beams": cfg.beams,
         "scoring": cfg.scoring,
         "popularity_prior": cfg.popularity_prior,
+        "copy_penalty": cfg.copy_penalty,
         "mask_history": cfg.mask_history,
         "headline": "test_masked" if cfg.mask_history else "test",
         "user_tower": rec.user_sids is not None,

@@ -30,7 +30,14 @@ log P(SID | prompt) + lambda * log w(item), a product of the model and a popular
 distribution. The prior is spread over the trie so that beams are pruned by it too: a
 step into node n adds lambda * (log W(n) - log W(parent)), where W(n) is the summed weight
 of the items below n, and closing an item adds lambda * (log w(item) - log W(node)); the
-terms telescope to lambda * log w(item). `scoring="full"` normalises every step over the whole vocabulary
+terms telescope to lambda * log w(item). With a copy penalty (`eval.copy_penalty` = beta > 0)
+an item whose first code is the first code of an item in the prompt's history loses beta:
+the search ranks by log P(SID | prompt) - beta * [first code in the history] (+ the prior).
+It is applied at the first step, so beams are pruned by it too. Why: the fine-tuned LLM
+copies first codes from its prompt far more often than next items share one with the
+history (docs/benchmark.md, "The model copies first codes from its prompt"), as LMs boost
+tokens of their context; a repetition penalty of the kind LLM decoding uses, on the
+first code only. `scoring="full"` normalises every step over the whole vocabulary
 (the model's exact likelihood, paper eq. 9); `scoring="sid"` normalises over the tokens that
 occur in some item SID plus EOS (the candidates constrained decoding can pick; training's
 `loss.sid_softmax: sid` normalises over all SID rows plus EOS, a superset), so the LM head is
@@ -231,6 +238,16 @@ class SidTables:
         item[ids] = (strength * w.log()).float()
         return Prior(nodes, item, strength)
 
+    def first_codes(self, items: Sequence[Iterable[int]]) -> torch.Tensor:
+        """[B, n_nodes[1]] float: 1 where the depth-1 node (first code) is that of some item
+        of `items[b]` (unknown items are ignored), else 0."""
+        out = torch.zeros((len(items), self.n_nodes[1]), dtype=torch.float32, device=self.device)
+        for b, row in enumerate(items):
+            known = [int(i) for i in row if int(i) in self.sequences]
+            if known:
+                out[b, self.item_nodes[torch.as_tensor(known, device=self.device), 1]] = 1.0
+        return out
+
     def blocked(self, excluded: Sequence[Iterable[int]]) -> "Blocked":
         """Per prompt and depth, the nodes whose every item is excluded, and the excluded ends.
 
@@ -406,7 +423,7 @@ class Ranker:
     """Top-`beams` items per prompt by trie-constrained beam search (module docstring)."""
 
     def __init__(self, model, tokenizer, tables: SidTables, beams: int, scoring: str = "full",
-                 prior: Prior | None = None):
+                 prior: Prior | None = None, copy_penalty: float = 0.0):
         from .backbone import decoder_of, hf_model
 
         if beams < 1:
@@ -415,6 +432,7 @@ class Ranker:
             raise TTDSError(f"params: 'eval.scoring' = {scoring!r}, expected one of {', '.join(SCORINGS)}")
         self.model, self.tokenizer, self.tables, self.beams, self.scoring = model, tokenizer, tables, int(beams), scoring
         self.prior = prior   # popularity prior (`SidTables.prior`), or None; may be swapped between searches
+        self.copy_penalty = check_copy_penalty(copy_penalty)  # beta; may be changed between searches
         self.hf = hf_model(model)
         self.decoder = decoder_of(self.hf)
         self._configs = _check_backbone(self.hf, self.decoder)
@@ -489,11 +507,14 @@ class Ranker:
 
     @torch.no_grad()
     def search(self, batch: PromptBatch, excluded: Sequence[Iterable[int]] | None = None,
-               constrained: bool = True) -> list[list[tuple[int, float]]]:
+               constrained: bool = True, history: Sequence[Iterable[int]] | None = None
+               ) -> list[list[tuple[int, float]]]:
         """Per prompt, up to `beams` distinct (item, score) pairs, best first.
 
         `excluded[i]` are items prompt i must not get (history masking). With `self.prior`,
-        scores include lambda * log w(item) (module docstring, "Scores"). `constrained=False`
+        scores include lambda * log w(item); with `self.copy_penalty` = beta > 0, items whose
+        first code is that of an item of `history[i]` (prompt i's history, required then)
+        lose beta (module docstring, "Scores"). `constrained=False`
         runs the same search without the tables (every token of a depth allowed after
         every beam), for benchmarks only: its items are meaningless."""
         from transformers import DynamicCache
@@ -503,6 +524,11 @@ class Ranker:
         if excluded is not None and len(excluded) != B:
             raise ValueError("one exclusion list per prompt expected")
         blocked = tab.blocked(excluded) if excluded is not None else None
+        copied = None
+        if self.copy_penalty > 0:
+            if history is None or len(history) != B:
+                raise ValueError("a copy penalty needs one history per prompt")
+            copied = self.copy_penalty * tab.first_codes(history)   # [B, first codes]
         dev = self.device
         node = torch.zeros((B, K), dtype=torch.long, device=dev)
         score = torch.full((B, K), _NEG, device=dev)
@@ -545,6 +571,8 @@ class Ranker:
             step = score[..., None] + cols_lp
             if prior is not None:  # lambda * (log W(child) - log W(node))
                 step = step + prior.node[d + 1][child.clamp(min=0)] - prior.node[d][node][..., None]
+            if d == 0 and copied is not None:  # beta on the first codes of the prompt's history
+                step = step - copied[batch_idx[..., None], child.clamp(min=0)]
             cand = torch.where(ok, step, _NEG).reshape(B, -1)
             # stable sort: among equal scores the earlier beam, then the lower token id, wins
             top = torch.sort(cand, dim=1, descending=True, stable=True).indices[:, :K]
@@ -630,22 +658,35 @@ def rank_cases(ranker: Ranker, build_prompt: PromptBuilder, cases: list[Case], b
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     for idx in tqdm(batches, desc=progress, unit="batch", disable=progress is None):
         batch = ranker.encode([prompts[i] for i in idx])
+        history = [cases[i].history for i in idx]   # the prompts' items (the copy penalty's)
         for masked in modes:
             excluded = [cases[i].seen for i in idx] if masked else None
-            for i, ranked in zip(idx, ranker.search(batch, excluded)):
+            for i, ranked in zip(idx, ranker.search(batch, excluded, history=history)):
                 out[masked][i] = ranked
     return out
 
 
+def check_copy_penalty(beta) -> float:
+    """`eval.copy_penalty` as a float, or the one-line error."""
+    try:
+        beta = float(beta)
+    except (TypeError, ValueError):
+        beta = float("nan")
+    if not np.isfinite(beta) or beta < 0:
+        raise TTDSError(f"params: 'eval.copy_penalty' = {beta!r}, expected a finite number >= 0")
+    return beta
+
+
 def ranker_for(model, tokenizer, item_sids, beams: int, scoring: str,
-               source: str = "model item SID table", popularity=None, prior: float = 0.0
-               ) -> tuple[Ranker, SidTables]:
+               source: str = "model item SID table", popularity=None, prior: float = 0.0,
+               copy_penalty: float = 0.0) -> tuple[Ranker, SidTables]:
     """The ranker of `model` over the items of `item_sids`, its tables on the model's device;
-    with `prior` = lambda > 0, a popularity prior from `popularity` (item weights)."""
+    with `prior` = lambda > 0, a popularity prior from `popularity` (item weights); with
+    `copy_penalty` = beta > 0, the first codes of the prompt's history lose beta."""
     tables = build_tables(item_sids, tokenizer, next(model.parameters()).device, source)
     item_prior = None
     if prior:
         if popularity is None:
             raise TTDSError("a popularity prior needs item weights")
         item_prior = tables.prior(popularity, prior)
-    return Ranker(model, tokenizer, tables, beams, scoring, item_prior), tables
+    return Ranker(model, tokenizer, tables, beams, scoring, item_prior, copy_penalty), tables

@@ -160,6 +160,7 @@ SCHEMA: dict[str, Param] = {
     "eval.scoring": Param(str, choices=SCORINGS),
     "eval.ks": Param(list, items=int),
     "eval.popularity_prior": Param(NUMBER, 0),
+    "eval.copy_penalty": Param(NUMBER, 0),
     "eval.user_profile": Param(str, choices=USER_PROFILES),
     "serve.topk": Param(int, 1),
     "serve.mask_history": Param(bool),

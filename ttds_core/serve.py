@@ -10,7 +10,8 @@ the test prompts from everything before the test target (`user_profile.py`); `tr
 keeps the training-time SID, a profile that misses the validation and test purchases.
 Scores are the model's SID log-probabilities (`eval.scoring`), plus lambda * log(n_i + 1)
 with `eval.popularity_prior` = lambda > 0, n_i counted over every known interaction (at
-serving time all of them are the past).
+serving time all of them are the past), minus beta on items whose first code occurs in the
+prompt's history with `eval.copy_penalty` = beta > 0.
 
 `precompute` ranks every user once (a seeded `serve.max_users` of them when set) and
 writes `data/serving/topk.parquet` (user_id, items, scores), the serving user table
@@ -64,6 +65,7 @@ def serve_settings(params: dict) -> dict:
             "template": get(params, "train.template", int, min_value=0),
             "packed": seqrec_packed(params),
             "popularity_prior": get(params, "eval.popularity_prior", float, 0.0, min_value=0.0),
+            "copy_penalty": get(params, "eval.copy_penalty", float, 0.0, min_value=0.0),
             "user_profile": get(params, "serve.user_profile", str, "fresh", choices=PROFILES)}
 
 
@@ -132,7 +134,7 @@ def rank_users(params: dict, cases, model_dir=MODEL_DIR, backbone_dir=BACKBONE_D
         n_items = item_span(rec.item_sids["item_id"], sequences)
         weights = item_counts(sequences, n_items, upto=None) + 1.0
     ranker, _ = ranker_for(rec.model, rec.tokenizer, rec.item_sids, cfg["beams"], cfg["scoring"],
-                           popularity=weights, prior=cfg["popularity_prior"])
+                           popularity=weights, prior=cfg["popularity_prior"], copy_penalty=cfg["copy_penalty"])
     table = user_sids if user_sids is not None else rec.user_sids
     builder = PromptBuilder(rec.tokenizer, rec.item_sids, table, cfg["template"], cfg["packed"])
     mode = cfg["mask_history"]
