@@ -10,7 +10,10 @@ per-epoch validation `data/baselines/<model>/history.json`, and `params.yaml`. W
 `--out`:
 
 - `results.json`: the subset, every model's valid/test HR@1/5/10 and NDCG@5/10 (unmasked and
-  masked), epochs and seconds, and the paired tests of TTDS against SASRec, Markov and MostPop;
+  masked), epochs and seconds, the paired tests of TTDS against SASRec, Markov and MostPop,
+  NDCG@10 by target popularity, and by whether the target's first code (TTDS's item index,
+  `data/model/item_sids.parquet`) is new to the user or that of an earlier item of theirs
+  (every model, and the `--against` runs' TTDS, on the same groups of users);
 - `results.md`: the same as markdown tables (pasted into docs/benchmark.md);
 - `curves/<model>.csv` (epoch, valid_NDCG@10) for `dvc plots show` (dvc.yaml, top-level
   `plots`) and `learning_curves.png`: validation NDCG@10 per epoch of every model;
@@ -143,6 +146,40 @@ def by_popularity(models: dict, counts, split: str = "test", masked: bool = Fals
     return out
 
 
+def history_first_codes(sequences, item_codes: dict, split: str = "test") -> dict:
+    """user -> whether the `split` target's first code (of TTDS's item index) is the first code
+    of some item the user had before it (everything a masked ranking excludes)."""
+    end = {"valid": -2, "test": -1}[split]
+    out = {}
+    for user, items in zip(sequences["user_id"].tolist(), sequences["items"]):
+        items = [int(i) for i in items]
+        before, target = items[:end], items[end]
+        out[int(user)] = any(item_codes[i][0] == item_codes[target][0] for i in before)
+    return out
+
+
+def by_history_first_code(models: dict, shares: dict, split: str = "test", masked: bool = False) -> dict:
+    """NDCG@10 per model on two groups of users: those whose target's first code is new to them
+    (no earlier item under it) and those whose target shares its first code with an earlier
+    item (`shares`: `history_first_codes`). Each group's `part_of_mean` is its part of the
+    model's mean NDCG@10 (group sum / all users): the two add up to the mean, so the
+    difference between two models splits into the two groups."""
+    import numpy as np
+
+    out = {}
+    for name, m in models.items():
+        users = per_user(m["ranks"], masked=masked, split=split).sort_index()
+        missing = next((u for u in users.index if u not in shares), None)
+        if missing is not None:
+            raise TTDSError(f"{name}: user {missing} has no sequence in data/processed")
+        gain = users["ndcg10"].to_numpy()
+        inside = np.asarray([shares[u] for u in users.index])
+        out[name] = {label: {"users": int(g.sum()), "NDCG@10": round(float(gain[g].mean()), 4) if g.any() else None,
+                             "part_of_mean": round(float(gain[g].sum() / len(gain)), 4)}
+                     for label, g in (("new_first_code", ~inside), ("first_code_in_history", inside))}
+    return out
+
+
 def masking_effect(models: dict, split: str = "test", depth: int = 20) -> dict:
     """What history masking changes for each model, per user: in these 5-core sequences the
     target is never a history item, so a target that ranks higher once the history is masked
@@ -227,7 +264,7 @@ def ttds_epochs(models: dict) -> list[dict]:
 
 def markdown(subset: dict, rows: dict, tests: dict, popularity: dict, top1: dict | None,
              epochs: list[dict] | None = None, masking: dict | None = None,
-             popularity_masked: dict | None = None) -> str:
+             popularity_masked: dict | None = None, first_code: dict | None = None) -> str:
     lines = [f"Subset: {subset['users']:,} users, {subset['items']:,} items, {subset['interactions']:,} "
              f"interactions; every model ranks all {rows['TTDS']['users']:,} users over all items.", ""]
     for section, title in (("test", "Test, unmasked"), ("test_masked", "Test, history masked"),
@@ -258,6 +295,18 @@ def markdown(subset: dict, rows: dict, tests: dict, popularity: dict, top1: dict
         for name, groups in by.items():
             lines.append(f"| {name} | " + " | ".join(f"{g['NDCG@10']:.4f} ({g['target_train_count_median']:.0f})"
                                                    for g in groups.values()) + " |")
+    if first_code:
+        lines += ["", "**Test NDCG@10 by whether the target's first code is new to the user** (TTDS's item "
+                  "index; \"in history\": some earlier item of the user has the same first code; in brackets: "
+                  "the group's part of the model's mean NDCG@10)", "",
+                  "| model | users new / in history | new | in history | masked: new | masked: in history |",
+                  "|---|---|---|---|---|---|"]
+        for name in first_code["test"]:
+            plain, masked = first_code["test"][name], first_code["test_masked"][name]
+            cells = ["—" if g["NDCG@10"] is None else f"{g['NDCG@10']:.4f} ({g['part_of_mean']:.4f})"
+                     for g in (*plain.values(), *masked.values())]
+            lines.append(f"| {name} | {plain['new_first_code']['users']} / {plain['first_code_in_history']['users']} | "
+                         + " | ".join(cells) + " |")
     if masking:
         depth = next(iter(masking.values()))["depth"]
         lines += ["", "**What history masking changes (test)**: the share of users whose target ranks higher "
@@ -309,18 +358,26 @@ def main(argv=None) -> dict:
     popularity, popularity_masked = by_popularity(models, counts), by_popularity(models, counts, masked=True)
     top1 = top1_popularity(root, sequences, counts)
     masking = masking_effect(models, depth=int(params["eval"]["beams"]))  # TTDS ranks no deeper
+    item_sids = read_parquet(root / "data" / "model" / "item_sids.parquet", ["item_id", "codes"])
+    item_codes = {int(i): [int(c) for c in codes] for i, codes in zip(item_sids["item_id"], item_sids["codes"])}
+    first_code = {}
+    for split in ("test", "valid"):
+        shares = history_first_codes(sequences, item_codes, split)
+        for masked in (False, True):
+            first_code[split + ("_masked" if masked else "")] = by_history_first_code(
+                models | {label: {"ranks": r} for label, r in against.items()}, shares, split, masked)
     result = {"subset": {k: subset.get(k) for k in ("users", "items", "interactions")},
               "params": {"data": params["data"], "train": params["train"], "eval": params["eval"]},
               "models": rows, "paired_tests": tests, "by_target_popularity": popularity,
               "by_target_popularity_masked": popularity_masked, "ttds_top1": top1,
-              "masking_effect": masking,
+              "masking_effect": masking, "by_history_first_code": first_code,
               "curves": {name: m["curve"] for name, m in models.items()}, "ttds_epochs": ttds_epochs(models)}
     write_json(out / "results.json", result)
     write_curves(models, out)
     write_parquet(out / "ttds_ranks.parquet", models["TTDS"]["ranks"])
     with atomic_path(out / "results.md", ".md") as tmp:
         tmp.write_text(markdown(result["subset"], rows, tests, popularity, top1, result["ttds_epochs"], masking,
-                                popularity_masked))
+                                popularity_masked, first_code))
     print((out / "results.md").read_text())
     return result
 

@@ -47,8 +47,8 @@ def test_a_stage_refuses_a_misspelt_key_before_any_work(tmp_path, monkeypatch, c
     assert err == "error: params: unknown parameter 'train.learning_rate' (see params.yaml for the keys)"
 
 
-@pytest.mark.parametrize("script", ["attention_share", "benchmark_report", "context_shift", "popularity_prior",
-                                    "user_profile"])
+@pytest.mark.parametrize("script", ["attention_share", "benchmark_report", "context_shift", "copy_bias",
+                                    "popularity_prior", "user_profile"])
 def test_a_bench_script_checks_the_workspace_params_before_any_work(tmp_path, script):
     """The bench scripts that read a workspace go through the params schema, as the stages do:
     a misspelt key is the schema's one-line error, not a KeyError deep inside."""

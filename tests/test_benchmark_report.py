@@ -82,3 +82,20 @@ def test_popularity_groups_read_the_masked_ranks_when_asked():
     masked = benchmark_report.by_popularity({"SASRec": {"ranks": frame}}, counts, masked=True)["SASRec"]
     assert [g["NDCG@10"] for g in plain.values()] == [0.0, 0.0, 1.0]
     assert [g["NDCG@10"] for g in masked.values()] == [0.5, 0.0, 1.0]
+
+
+def test_first_code_groups_split_each_models_mean_between_new_and_copied_first_codes():
+    # users 0-1: target's first code new to them; users 2-3: an earlier item has it
+    sequences = pd.DataFrame({"user_id": [0, 1, 2, 3],
+                              "items": [[10, 11, 12, 13], [11, 10, 13, 12], [10, 12, 11, 14], [14, 11, 13, 10]]})
+    codes = {10: [0, 1], 11: [1, 0], 12: [2, 3], 13: [3, 2], 14: [0, 2]}
+    shares = benchmark_report.history_first_codes(sequences, codes, "test")
+    assert shares == {0: False, 1: False, 2: True, 3: True}
+    assert benchmark_report.history_first_codes(sequences, codes, "valid") == {0: False, 1: False, 2: False, 3: False}
+    frame = pd.DataFrame({"user_id": range(4), "split": "test", "target": [13, 12, 14, 10],
+                          "rank": [1, 50, 1, 1], "masked": False})
+    got = benchmark_report.by_history_first_code({"TTDS": {"ranks": frame}}, shares)["TTDS"]
+    assert got["new_first_code"] == {"users": 2, "NDCG@10": 0.5, "part_of_mean": 0.25}
+    assert got["first_code_in_history"] == {"users": 2, "NDCG@10": 1.0, "part_of_mean": 0.5}
+    with pytest.raises(TTDSError, match="user 0 has no sequence"):
+        benchmark_report.by_history_first_code({"TTDS": {"ranks": frame}}, {1: True})

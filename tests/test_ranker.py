@@ -393,3 +393,14 @@ def test_a_layer_that_bypasses_the_shared_prefix_is_refused(setup, monkeypatch):
     monkeypatch.setattr(layer_cfg, "config", copy.copy(model.config))
     with pytest.raises(TTDSError, match="not supported"):
         ranker.search(batch)
+
+
+@torch.no_grad()
+def test_first_log_probs_are_the_models_first_step(setup):
+    model, tok, table, tables = setup
+    ranker = Ranker(model, tok, tables, beams=4, scoring="full")
+    prompts = prompts_for(tok, table, HISTORIES)
+    got = ranker.first_log_probs(ranker.encode(prompts))
+    for row, prompt in zip(got, prompts):
+        want = torch.log_softmax(model(input_ids=torch.tensor([prompt])).logits[0, -1].float(), -1)[tables.cols[0]]
+        assert row.tolist() == pytest.approx(want.tolist(), abs=1e-4)

@@ -470,6 +470,12 @@ class Ranker:
         return cols, logits[..., self._eos_pos] - lse[..., 0]
 
     @torch.no_grad()
+    def first_log_probs(self, batch: PromptBatch) -> torch.Tensor:
+        """[B, width_0] log-probabilities of the first SID token's columns (`tables.cols[0]`)
+        after each prompt, as the search scores its first step (no prior, no penalty)."""
+        return self._log_probs(batch.last_hidden, 0)[0]
+
+    @torch.no_grad()
     def encode(self, prompts: Sequence[Sequence[int]]) -> PromptBatch:
         """Left-pad `prompts` (token ids) and prefill them once."""
         from transformers import DynamicCache
