@@ -149,13 +149,10 @@ def by_popularity(models: dict, counts, split: str = "test", masked: bool = Fals
 def history_first_codes(sequences, item_codes: dict, split: str = "test") -> dict:
     """user -> whether the `split` target's first code (of TTDS's item index) is the first code
     of some item the user had before it (everything a masked ranking excludes)."""
-    end = {"valid": -2, "test": -1}[split]
-    out = {}
-    for user, items in zip(sequences["user_id"].tolist(), sequences["items"]):
-        items = [int(i) for i in items]
-        before, target = items[:end], items[end]
-        out[int(user)] = any(item_codes[i][0] == item_codes[target][0] for i in before)
-    return out
+    from ttds_core.cases import eval_cases
+
+    return {c.user_id: any(item_codes[i][0] == item_codes[c.target][0] for i in c.seen)
+            for c in eval_cases(sequences, split, max_history=1)}
 
 
 def by_history_first_code(models: dict, shares: dict, split: str = "test", masked: bool = False) -> dict:

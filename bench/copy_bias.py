@@ -28,14 +28,15 @@ from pathlib import Path
 import numpy as np
 
 
-def first_code_rows(cases, codes: dict, col_code: list[int], probs) -> dict:
-    """The summary above for `cases` and their first-code distributions `probs` [n, codes]."""
+def first_code_rows(cases, first: dict, cols: list[int], probs) -> dict:
+    """The summary above for `cases` and their first-code distributions `probs` [n, len(cols)]:
+    `first[item]` is the item's first SID token, `cols` the first-step columns' tokens."""
     mass, share, top1 = [], [], []
     for case, row in zip(cases, probs):
-        history = {codes[i][0] for i in case.history}
-        on = np.asarray([c in history for c in col_code])
+        history = {first[i] for i in case.history}
+        on = np.asarray([c in history for c in cols])
         mass.append(float(row[on].sum()))
-        share.append(codes[case.target][0] in history)
+        share.append(first[case.target] in history)
         top1.append(bool(on[int(np.argmax(row))]))
     m, s = float(np.mean(mass)), float(np.mean(share))
     odds = (m / (1 - m)) / (s / (1 - s)) if 0 < m < 1 and 0 < s < 1 else float("nan")
@@ -54,7 +55,6 @@ def main(argv=None) -> dict:
     from ttds_core.io import read_parquet, write_json
     from ttds_core.ranker import PromptBuilder, ranker_for
     from ttds_core.recommender import load_recommender
-    from ttds_core.tokens import split_sid
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", default=".", help="the workspace holding the trained TTDS")
@@ -69,12 +69,8 @@ def main(argv=None) -> dict:
     users = select_users(sequences, args.max_users, cfg.seed)
     rec = load_recommender(params, model_dir=root / "data" / "model", backbone_dir=root / "data" / "backbone")
     ranker, tables = ranker_for(rec.model, rec.tokenizer, rec.item_sids, cfg.beams, cfg.scoring)
-    codes = {int(i): [int(c) for c in cs] for i, cs in zip(rec.item_sids["item_id"], rec.item_sids["codes"])}
-    # the first code each depth-0 column stands for, read from a SID that starts with it
-    token_code = {}
-    for item, sid in zip(rec.item_sids["item_id"], rec.item_sids["sid"]):
-        token_code.setdefault(rec.tokenizer.convert_tokens_to_ids(split_sid(str(sid))[0]), codes[int(item)][0])
-    col_code = [token_code[int(t)] for t in tables.cols[0].tolist()]
+    first = {item: tokens[0] for item, tokens in tables.sequences.items()}   # an item's first SID token
+    cols = tables.cols[0].tolist()
     builder = PromptBuilder(rec.tokenizer, rec.item_sids, rec.user_sids, cfg.template, cfg.packed)
     valid = eval_cases(users, "valid", cfg.max_history)
     train = [Case(c.user_id, "train", c.seen[:-1][-cfg.max_history:], c.seen[:-1], c.seen[-1])
@@ -86,7 +82,7 @@ def main(argv=None) -> dict:
             part = cases[start:start + cfg.batch_size]
             cols = ranker.first_log_probs(ranker.encode([builder(c.user_id, c.history) for c in part]))
             probs.append(torch.softmax(cols, -1).cpu().numpy())
-        result[name] = first_code_rows(cases, codes, col_code, np.concatenate(probs))
+        result[name] = first_code_rows(cases, first, cols, np.concatenate(probs))
         print(name, result[name])
     write_json(args.out, result)
     return result

@@ -75,6 +75,7 @@ def main(argv=None) -> dict:
         params["eval"]["beams"] = args.beams
     cfg = eval_settings(params)
     scorings = list(dict.fromkeys([cfg.scoring] + (args.scorings or [])))
+    # with --copy-penalties, beta = 0 is always ranked too: every row is paired against it
     betas = sorted({cfg.copy_penalty} | set(args.copy_penalties or []) | ({0.0} if args.copy_penalties else set()))
     for beta in betas:
         check_copy_penalty(beta)
@@ -133,7 +134,8 @@ def main(argv=None) -> dict:
                                     -r["copy_penalty"]))
     result = {"workspace": root.resolve().name, "split": "valid", "users": len(cases), "beams": cfg.beams,
               "scoring": cfg.scoring, "scorings": scorings, "copy_penalties": betas,
-              "selection": "best unmasked validation NDCG@10 (ties: the workspace's scoring, then smaller lambda)",
+              "selection": "best unmasked validation NDCG@10 (ties: the workspace's scoring, then smaller lambda, "
+                           "then smaller copy penalty)",
               "chosen_lambda": best["lambda"], "chosen_scoring": best["scoring"],
               "chosen_copy_penalty": best["copy_penalty"], "rows": rows}
     print(f"chosen on validation: eval.popularity_prior = {best['lambda']}, eval.scoring = {best['scoring']}, "
